@@ -1,0 +1,2 @@
+//! The `chaos` command line: validate scenarios, run a relay by hand, render reports.
+fn main() {}
