@@ -1,2 +1,3 @@
 //! placeholder
 pub mod clock;
+pub mod modbus;
