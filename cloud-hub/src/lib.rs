@@ -1,1 +1,4 @@
 //! placeholder
+pub mod analytics;
+pub mod api;
+pub mod rollout;
