@@ -22,3 +22,4 @@
 //! ```
 
 pub mod link;
+pub mod scenario;
