@@ -1,0 +1,432 @@
+//! Integration tests of the audit log: verification of an intact log, detection of each kind
+//! of tampering with the right seq, torn-tail repair, locking, and `cloud-hub audit verify`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cloud_hub::audit::{
+    self, AuditEntry, AuditError, AuditLog, AuditRecord, Finding, entry_hash, head_path,
+};
+use ed25519_dalek::{Signer as _, SigningKey};
+use schemas::time::Timestamp;
+
+const T0: Timestamp = Timestamp(1_790_000_000_000);
+
+fn hub() -> SigningKey {
+    SigningKey::from_bytes(&[1; 32])
+}
+
+fn rec(i: u64) -> AuditRecord {
+    AuditRecord {
+        actor: format!("cli:user{i}"),
+        action: "node.revoke".into(),
+        target: format!("node-{i}"),
+        reason: format!("reason {i}"),
+        details: format!("{{\"n\":{i}}}"),
+    }
+}
+
+/// A log with `n` entries in a fresh temp dir.
+fn log_with(n: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let (mut log, outcome) = AuditLog::open(&path, hub(), T0).unwrap();
+    assert_eq!(outcome.entries, 0);
+    for i in 1..=n {
+        let e = log.append(&rec(i), T0.saturating_add_ms(i as i64)).unwrap();
+        assert_eq!(e.seq, i);
+    }
+    (dir, path)
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut s = lines.join("\n");
+    s.push('\n');
+    std::fs::write(path, s).unwrap();
+}
+
+fn finding(path: &Path) -> Option<Finding> {
+    audit::verify(path, &hub().verifying_key()).unwrap().finding
+}
+
+fn entry(line: &str) -> AuditEntry {
+    serde_json::from_str(line).unwrap()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn record_of(e: &AuditEntry) -> AuditRecord {
+    AuditRecord {
+        actor: e.actor.clone(),
+        action: e.action.clone(),
+        target: e.target.clone(),
+        reason: e.reason.clone(),
+        details: e.details.clone(),
+    }
+}
+
+fn unhex32(s: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+    }
+    out
+}
+
+#[test]
+fn untouched_log_verifies_and_reopen_continues_the_chain() {
+    let (_d, path) = log_with(5);
+    let report = audit::verify(&path, &hub().verifying_key()).unwrap();
+    assert_eq!(report.finding, None);
+    assert_eq!(report.verified, 5);
+    let (mut log, outcome) = AuditLog::open(&path, hub(), T0).unwrap();
+    assert_eq!(outcome.entries, 5);
+    assert_eq!(outcome.repaired, None);
+    assert_eq!(log.append(&rec(6), T0).unwrap().seq, 6);
+    drop(log);
+    let report = audit::verify(&path, &hub().verifying_key()).unwrap();
+    assert_eq!((report.verified, report.finding), (6, None));
+    // Entries chain: each prev_hash is the previous hash.
+    let ls = lines(&path);
+    for w in ls.windows(2) {
+        assert_eq!(entry(&w[1]).prev_hash, entry(&w[0]).hash);
+    }
+    // And a missing log is an empty, valid one.
+    let report = audit::verify(&path.with_file_name("nope.log"), &hub().verifying_key()).unwrap();
+    assert_eq!((report.verified, report.finding), (0, None));
+}
+
+#[test]
+fn wrong_hub_key_fails_at_the_first_entry() {
+    let (_d, path) = log_with(3);
+    let other = SigningKey::from_bytes(&[2; 32]).verifying_key();
+    let f = audit::verify(&path, &other).unwrap().finding.unwrap();
+    assert!(matches!(f, Finding::BadSignature { seq: 1, .. }), "{f:?}");
+}
+
+#[test]
+fn edited_field_is_detected_at_its_seq() {
+    for field in ["actor", "action", "target", "reason", "details", "time"] {
+        let (_d, path) = log_with(5);
+        let mut ls = lines(&path);
+        let mut v: serde_json::Value = serde_json::from_str(&ls[2]).unwrap();
+        v[field] = if field == "time" {
+            serde_json::json!(T0.0 + 999)
+        } else {
+            "edited".into()
+        };
+        ls[2] = v.to_string();
+        write_lines(&path, &ls);
+        let f = finding(&path).unwrap();
+        assert!(
+            matches!(f, Finding::HashMismatch { seq: 3, .. }),
+            "{field}: {f:?}"
+        );
+        assert_eq!(f.seq(), 3);
+        assert!(f.is_tampering());
+    }
+}
+
+#[test]
+fn edited_and_rehashed_entry_fails_its_signature() {
+    let (_d, path) = log_with(5);
+    let mut ls = lines(&path);
+    let mut e = entry(&ls[2]);
+    e.reason = "nothing to see here".into();
+    let h = entry_hash(e.seq, e.time, &record_of(&e), &unhex32(&e.prev_hash));
+    e.hash = hex(&h);
+    ls[2] = serde_json::to_string(&e).unwrap();
+    write_lines(&path, &ls);
+    let f = finding(&path).unwrap();
+    assert!(matches!(f, Finding::BadSignature { seq: 3, .. }), "{f:?}");
+}
+
+#[test]
+fn deleted_entry_is_detected_at_its_seq() {
+    let (_d, path) = log_with(5);
+    let mut ls = lines(&path);
+    ls.remove(2);
+    write_lines(&path, &ls);
+    let f = finding(&path).unwrap();
+    assert!(
+        matches!(
+            f,
+            Finding::SeqBreak {
+                seq: 3,
+                found: 4,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert!(f.to_string().contains("entry 3"), "{f}");
+}
+
+#[test]
+fn deleted_entry_with_renumbering_breaks_the_chain() {
+    let (_d, path) = log_with(5);
+    let mut ls = lines(&path);
+    ls.remove(2);
+    let mut e = entry(&ls[2]);
+    e.seq = 3;
+    ls[2] = serde_json::to_string(&e).unwrap();
+    write_lines(&path, &ls);
+    let f = finding(&path).unwrap();
+    assert!(matches!(f, Finding::ChainBreak { seq: 3, .. }), "{f:?}");
+}
+
+#[test]
+fn swapped_entries_are_detected_at_the_first() {
+    let (_d, path) = log_with(5);
+    let mut ls = lines(&path);
+    ls.swap(2, 3);
+    write_lines(&path, &ls);
+    let f = finding(&path).unwrap();
+    assert!(
+        matches!(
+            f,
+            Finding::SeqBreak {
+                seq: 3,
+                found: 4,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn inserted_forged_entry_is_detected() {
+    let (_d, path) = log_with(5);
+    let mut ls = lines(&path);
+    // A well-formed entry 3 chained to entry 2, signed with another key.
+    let prev = entry(&ls[1]);
+    let forger = SigningKey::from_bytes(&[9; 32]);
+    let r = rec(99);
+    let prev_hash = unhex32(&prev.hash);
+    let h = entry_hash(3, T0, &r, &prev_hash);
+    let mut msg = b"fieldsync audit entry v1\0".to_vec();
+    msg.extend_from_slice(&h);
+    let forged = AuditEntry {
+        seq: 3,
+        time: T0,
+        actor: r.actor,
+        action: r.action,
+        target: r.target,
+        reason: r.reason,
+        details: r.details,
+        prev_hash: prev.hash.clone(),
+        hash: hex(&h),
+        sig: hex(&forger.sign(&msg).to_bytes()),
+    };
+    ls.insert(2, serde_json::to_string(&forged).unwrap());
+    write_lines(&path, &ls);
+    let f = finding(&path).unwrap();
+    assert!(matches!(f, Finding::BadSignature { seq: 3, .. }), "{f:?}");
+
+    // A copy of a genuine entry inserted elsewhere is caught too.
+    let (_d2, path2) = log_with(5);
+    let mut ls = lines(&path2);
+    let dup = ls[0].clone();
+    ls.insert(3, dup);
+    write_lines(&path2, &ls);
+    let f = finding(&path2).unwrap();
+    assert!(
+        matches!(
+            f,
+            Finding::SeqBreak {
+                seq: 4,
+                found: 1,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn garbage_line_is_malformed_at_its_seq() {
+    let (_d, path) = log_with(4);
+    let mut ls = lines(&path);
+    ls[1] = "{not json".into();
+    write_lines(&path, &ls);
+    let f = finding(&path).unwrap();
+    assert!(matches!(f, Finding::Malformed { seq: 2, .. }), "{f:?}");
+}
+
+#[test]
+fn removed_tail_entries_are_caught_by_the_head() {
+    let (_d, path) = log_with(5);
+    let mut ls = lines(&path);
+    ls.truncate(3);
+    write_lines(&path, &ls);
+    let f = finding(&path).unwrap();
+    assert_eq!(
+        f,
+        Finding::Truncated {
+            head_seq: 5,
+            last_seq: 3,
+            first_missing: 4
+        }
+    );
+    assert_eq!(f.seq(), 4);
+    // Deleting the head too is noticed.
+    std::fs::remove_file(head_path(&path)).unwrap();
+    assert!(matches!(
+        finding(&path),
+        Some(Finding::HeadMalformed { .. })
+    ));
+}
+
+#[test]
+fn torn_tail_is_reported_distinctly_and_repaired_on_open() {
+    let (_d, path) = log_with(5);
+    let full = std::fs::read(&path).unwrap();
+    let ls = lines(&path);
+    // Cut the last line in the middle, as a kill -9 during the write would.
+    let cut = full.len() - ls[4].len() / 2 - 1;
+    std::fs::write(&path, &full[..cut]).unwrap();
+    let torn_bytes = (cut - (full.len() - ls[4].len() - 1)) as u64;
+    let f = finding(&path).unwrap();
+    assert_eq!(
+        f,
+        Finding::TornTail {
+            after_seq: 4,
+            bytes: torn_bytes
+        }
+    );
+    assert!(!f.is_tampering());
+    assert_eq!(f.seq(), 5);
+    assert!(f.to_string().contains("not tampering"), "{f}");
+
+    let (mut log, outcome) = AuditLog::open(&path, hub(), T0).unwrap();
+    let (repaired, saved) = outcome.repaired.unwrap();
+    assert_eq!(repaired, f);
+    assert_eq!(
+        std::fs::read(&saved).unwrap(),
+        full[cut - torn_bytes as usize..cut]
+    );
+    // The repair is itself on the record, as entry 5.
+    assert_eq!(outcome.entries, 5);
+    assert_eq!(log.append(&rec(6), T0).unwrap().seq, 6);
+    drop(log);
+    let report = audit::verify(&path, &hub().verifying_key()).unwrap();
+    assert_eq!((report.verified, report.finding), (6, None));
+    let e5 = entry(&lines(&path)[4]);
+    assert_eq!(e5.action, "audit.repair");
+    assert!(
+        e5.details.contains(&format!("removed {torn_bytes} bytes")),
+        "{}",
+        e5.details
+    );
+}
+
+#[test]
+fn open_refuses_to_extend_a_tampered_log() {
+    let (_d, path) = log_with(3);
+    let mut ls = lines(&path);
+    ls.swap(0, 1);
+    write_lines(&path, &ls);
+    let before = std::fs::read(&path).unwrap();
+    let err = AuditLog::open(&path, hub(), T0).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            AuditError::Tampered {
+                finding: Finding::SeqBreak { seq: 1, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+}
+
+#[test]
+fn second_writer_is_refused_while_the_first_holds_the_log() {
+    let (_d, path) = log_with(1);
+    let (log, _) = AuditLog::open(&path, hub(), T0).unwrap();
+    let err = AuditLog::open(&path, hub(), T0).unwrap_err();
+    assert!(matches!(err, AuditError::Locked { .. }), "{err:?}");
+    drop(log);
+    assert!(AuditLog::open(&path, hub(), T0).is_ok());
+}
+
+// ---------------------------------------------------------------- CLI
+
+fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("FIELDSYNC_HUB_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_audit_verify_exit_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let o = cli(dir, &["init"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let hub_id = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    for _ in 0..3 {
+        assert!(
+            cli(dir, &["token", "create", "--tenant", "a", "--site", "b"])
+                .status
+                .success()
+        );
+    }
+    let o = cli(dir, &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok: 4 entries"));
+    // An auditor with only the public id gets the same answer.
+    let o = cli(dir, &["audit", "verify", "--hub-id", &hub_id]);
+    assert_eq!(o.status.code(), Some(0));
+
+    let path = dir.join("audit.log");
+    let pristine = std::fs::read(&path).unwrap();
+
+    // Tampered: exit 1 naming the seq.
+    let mut ls = lines(&path);
+    ls[2] = ls[2].replace("\"token.create\"", "\"token.revoke\"");
+    write_lines(&path, &ls);
+    let o = cli(dir, &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("TAMPERED: first bad entry 3"), "{out}");
+    // And a mutating command refuses to run on it.
+    let o = cli(dir, &["token", "create", "--tenant", "a", "--site", "b"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("refusing to append"));
+    assert!(o.stdout.is_empty(), "no token may be issued unaudited");
+
+    // Torn tail: exit 3, then repaired by the next change.
+    std::fs::write(&path, &pristine[..pristine.len() - 10]).unwrap();
+    let o = cli(dir, &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("TORN TAIL: first bad entry 4"));
+    let o = cli(dir, &["token", "create", "--tenant", "a", "--site", "b"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("repaired the audit log"));
+    let o = cli(dir, &["audit", "verify"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok: 5 entries"));
+}
