@@ -1,3 +1,4 @@
 //! placeholder
 pub mod clock;
 pub mod modbus;
+pub mod raw_zone;
