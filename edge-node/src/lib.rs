@@ -2,3 +2,4 @@
 pub mod clock;
 pub mod modbus;
 pub mod raw_zone;
+pub mod summariser;
