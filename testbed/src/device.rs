@@ -53,6 +53,92 @@ pub enum Fault {
     DropConnection,
 }
 
+/// A fault description that could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid fault {input:?}: {reason} (expected stuck[:signal], spikes:signal|*:probability:magnitude, slow:ms, missing, exception:code, drop)"
+)]
+pub struct FaultParseError {
+    /// The text given.
+    pub input: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+const EXCEPTION_NAMES: [(&str, ExceptionCode); 9] = [
+    ("illegal-function", ExceptionCode::IllegalFunction),
+    ("illegal-data-address", ExceptionCode::IllegalDataAddress),
+    ("illegal-data-value", ExceptionCode::IllegalDataValue),
+    ("server-device-failure", ExceptionCode::ServerDeviceFailure),
+    ("acknowledge", ExceptionCode::Acknowledge),
+    ("server-device-busy", ExceptionCode::ServerDeviceBusy),
+    ("memory-parity-error", ExceptionCode::MemoryParityError),
+    (
+        "gateway-path-unavailable",
+        ExceptionCode::GatewayPathUnavailable,
+    ),
+    ("gateway-target-device", ExceptionCode::GatewayTargetDevice),
+];
+
+impl std::str::FromStr for Fault {
+    type Err = FaultParseError;
+
+    /// Parse the compact form used on the command line and in scenario
+    /// files: `stuck`, `stuck:temperature`, `spikes:voltage:0.2:15`,
+    /// `spikes:*:1:5`, `slow:500`, `missing`,
+    /// `exception:server-device-failure` (or a number), `drop`.
+    fn from_str(s: &str) -> Result<Fault, FaultParseError> {
+        let err = |reason: &str| FaultParseError {
+            input: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let num = |x: &str, what: &str| -> Result<f64, FaultParseError> {
+            x.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| err(&format!("{what} {x:?} is not a finite number")))
+        };
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        match parts.as_slice() {
+            ["stuck"] => Ok(Fault::Stuck { signal: None }),
+            ["stuck", sig] if !sig.is_empty() => Ok(Fault::Stuck {
+                signal: Some((*sig).to_string()),
+            }),
+            ["spikes", sig, p, m] if !sig.is_empty() => {
+                let probability = num(p, "probability")?;
+                if !(0.0..=1.0).contains(&probability) {
+                    return Err(err("probability must be within 0..=1"));
+                }
+                Ok(Fault::Spikes {
+                    signal: (*sig != "*").then(|| (*sig).to_string()),
+                    probability,
+                    magnitude: num(m, "magnitude")?,
+                })
+            }
+            ["slow", ms] => {
+                let ms: u64 = ms
+                    .parse()
+                    .map_err(|_| err("slow needs a whole number of milliseconds"))?;
+                Ok(Fault::Slow {
+                    delay: Duration::from_millis(ms),
+                })
+            }
+            ["missing"] => Ok(Fault::Missing),
+            ["drop"] => Ok(Fault::DropConnection),
+            ["exception", code] => {
+                if let Some((_, c)) = EXCEPTION_NAMES.iter().find(|(n, _)| n == code) {
+                    return Ok(Fault::Exception(*c));
+                }
+                match code.parse::<u8>() {
+                    Ok(n) if n > 0 && n < 0x80 => Ok(Fault::Exception(ExceptionCode::new(n))),
+                    _ => Err(err("unknown exception code")),
+                }
+            }
+            _ => Err(err("unknown fault")),
+        }
+    }
+}
+
 /// The faults active on a device.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Faults {
@@ -575,5 +661,54 @@ mod tests {
         map.registers[0].name = "flux".into();
         let e = SimDevice::new(DeviceKind::Meter.model(1, 0.0), map, 1).unwrap_err();
         assert!(e.to_string().contains("\"flux\""), "{e}");
+    }
+
+    #[test]
+    fn faults_parse_from_their_compact_form() {
+        let ok = |s: &str| s.parse::<Fault>().unwrap();
+        assert_eq!(ok("stuck"), Fault::Stuck { signal: None });
+        assert_eq!(
+            ok("stuck:temperature"),
+            Fault::Stuck {
+                signal: Some("temperature".into())
+            }
+        );
+        assert_eq!(
+            ok("spikes:*:0.5:20"),
+            Fault::Spikes {
+                signal: None,
+                probability: 0.5,
+                magnitude: 20.0
+            }
+        );
+        assert_eq!(
+            ok("slow:250"),
+            Fault::Slow {
+                delay: Duration::from_millis(250)
+            }
+        );
+        assert_eq!(ok("missing"), Fault::Missing);
+        assert_eq!(ok("drop"), Fault::DropConnection);
+        assert_eq!(
+            ok("exception:server-device-failure"),
+            Fault::Exception(ExceptionCode::ServerDeviceFailure)
+        );
+        assert_eq!(
+            ok("exception:6"),
+            Fault::Exception(ExceptionCode::ServerDeviceBusy)
+        );
+        for bad in [
+            "",
+            "melt",
+            "slow:soon",
+            "spikes:x:2:1",
+            "spikes:x:0.5:nan",
+            "exception:nope",
+            "stuck:",
+        ] {
+            let e = bad.parse::<Fault>().unwrap_err();
+            assert_eq!(e.input, bad);
+            assert!(e.to_string().contains("expected stuck"), "{e}");
+        }
     }
 }

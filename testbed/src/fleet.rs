@@ -11,7 +11,7 @@ use schemas::ids::DeviceId;
 use schemas::registers::RegisterMap;
 
 use crate::clock::{BadTimeScale, ClockDriver};
-use crate::device::{DeviceError, DeviceHandle, SimDevice};
+use crate::device::{DeviceError, DeviceHandle, Fault, SimDevice};
 use crate::physics::{DeviceKind, UnknownKind};
 use crate::rng::SimRng;
 use crate::server::{DeviceServer, ServerError};
@@ -162,7 +162,64 @@ pub async fn start_fleet(
     })
 }
 
+/// A control line that could not be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ControlError(pub String);
+
+/// Usage of the control lines read by `testbed devices` on stdin.
+pub const CONTROL_HELP: &str = "commands: fault <device> <fault> | clear <device> | get <device> <signal> | help; \
+faults: stuck[:signal], spikes:signal|*:probability:magnitude, slow:ms, missing, exception:code, drop";
+
 impl RunningFleet {
+    /// Carry out one control line (see [`CONTROL_HELP`]) and say what was
+    /// done. This is how a person or a chaos scenario injects device faults
+    /// into a running `testbed devices`.
+    pub fn control(&self, line: &str) -> Result<String, ControlError> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let device = |id: &str| {
+            self.device(id).ok_or_else(|| {
+                let known: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
+                ControlError(format!("no device {id:?} (devices: {})", known.join(", ")))
+            })
+        };
+        match words.as_slice() {
+            ["fault", id, spec] => {
+                let d = device(id)?;
+                let fault: Fault = spec.parse().map_err(|e| ControlError(format!("{e}")))?;
+                if let Fault::Stuck { signal: Some(s) }
+                | Fault::Spikes {
+                    signal: Some(s), ..
+                } = &fault
+                    && d.handle.signal(s).is_none()
+                {
+                    return Err(ControlError(format!(
+                        "device {id} has no signal {s:?} (it has: {})",
+                        d.handle.lock().model().signals().join(", ")
+                    )));
+                }
+                d.handle.inject(fault);
+                Ok(format!("ok fault {id} {spec}"))
+            }
+            ["clear", id] => {
+                device(id)?.handle.clear_faults();
+                Ok(format!("ok clear {id}"))
+            }
+            ["get", id, signal] => {
+                let d = device(id)?;
+                let v = d
+                    .handle
+                    .signal(signal)
+                    .ok_or_else(|| ControlError(format!("device {id} has no signal {signal:?}")))?;
+                Ok(format!("ok {id} {signal} {v}"))
+            }
+            ["help"] => Ok(CONTROL_HELP.to_string()),
+            _ => Err(ControlError(format!(
+                "cannot parse {line:?}; {CONTROL_HELP}"
+            ))),
+        }
+    }
+
     /// The running device with this id.
     pub fn device(&self, id: &str) -> Option<&RunningDevice> {
         self.devices.iter().find(|d| d.id.as_str() == id)
@@ -183,5 +240,74 @@ impl RunningFleet {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::{edge_config, fleet};
+
+    #[tokio::test]
+    async fn control_lines_inject_and_clear_faults() {
+        let cfg = edge_config(&fleet(3, 0).unwrap());
+        let f = start_fleet(&cfg.devices, &FleetOptions::default())
+            .await
+            .unwrap();
+        let room = f.device("cold-room-1").unwrap().handle.clone();
+        assert_eq!(
+            f.control("fault cold-room-1 exception:server-device-failure"),
+            Ok("ok fault cold-room-1 exception:server-device-failure".into())
+        );
+        assert!(room.lock().faults().exception.is_some());
+        f.control("fault cold-room-1 stuck:temperature").unwrap();
+        assert!(room.lock().faults().stuck.contains_key("temperature"));
+        f.control("clear cold-room-1").unwrap();
+        assert_eq!(room.lock().faults(), &crate::device::Faults::default());
+        assert!(
+            f.control("get meter-1 energy")
+                .unwrap()
+                .starts_with("ok meter-1 energy ")
+        );
+        for (bad, says) in [
+            ("fault boiler-9 drop", "no device \"boiler-9\""),
+            ("fault pump-1 melt", "invalid fault \"melt\""),
+            (
+                "fault pump-1 stuck:temperature",
+                "no signal \"temperature\"",
+            ),
+            ("get pump-1 nope", "no signal \"nope\""),
+            ("dance", "cannot parse"),
+        ] {
+            let e = f.control(bad).unwrap_err();
+            assert!(e.0.contains(says), "{bad}: {e}");
+        }
+        f.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_busy_port_or_bad_time_scale_fails_clearly() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut devs = fleet(2, 0).unwrap();
+        devs[1].addr = taken.local_addr().unwrap();
+        let cfg = edge_config(&devs);
+        let e = start_fleet(&cfg.devices, &FleetOptions::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, FleetError::Server { device, .. } if device.as_str() == "pump-1"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("pump-1"), "{e}");
+        let e = start_fleet(
+            &cfg.devices,
+            &FleetOptions {
+                time_scale: 0.0,
+                ..FleetOptions::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, FleetError::TimeScale(_)), "{e}");
     }
 }

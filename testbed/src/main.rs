@@ -2,12 +2,14 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use schemas::config::EdgeConfig;
-use testbed::fleet::{FleetOptions, start_fleet};
+use testbed::fleet::{FleetOptions, RunningFleet, start_fleet};
 use testbed::maps::{edge_config_toml, fleet};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Simulated industrial devices for fieldsync: real Modbus TCP servers with
 /// seeded physics (cold rooms, pump stations, energy meters).
@@ -35,6 +37,14 @@ enum Command {
     /// register of the entry must name a signal of that device (the maps
     /// from `testbed example-config` do). An addr with port 0 gets a free
     /// port, printed at start.
+    ///
+    /// Faults can be injected while running by writing lines on stdin, e.g.
+    /// `fault cold-room-1 stuck:temperature`, `fault pump-1 slow:800`,
+    /// `fault meter-1 exception:server-device-failure`, `fault pump-1 drop`,
+    /// `fault cold-room-1 spikes:temperature:0.1:15`, `fault meter-1 missing`,
+    /// `clear cold-room-1`, `get cold-room-1 temperature`, `help`. Each line
+    /// is answered on stdout with `ok ...` or `error: ...`.
+    #[command(verbatim_doc_comment)]
     Devices {
         /// Edge config file (TOML) whose [[devices]] to simulate.
         #[arg(long, short)]
@@ -121,7 +131,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("start the async runtime")?;
-            rt.block_on(serve(cfg, opts))
+            let result = rt.block_on(serve(cfg, opts));
+            // The stdin reader sits in a blocking read: do not wait for it.
+            rt.shutdown_timeout(Duration::from_millis(200));
+            result
         }
     }
 }
@@ -150,9 +163,42 @@ async fn serve(cfg: EdgeConfig, opts: FleetOptions) -> anyhow::Result<()> {
         )?;
         out.flush()?;
     }
-    let signal = tokio::signal::ctrl_c().await;
+    let stop = tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C"),
+        r = terminated() => r,
+        () = control_from_stdin(&running) => Ok(()),
+    };
     running.stop().await.context("stop simulated devices")?;
-    signal.context("wait for Ctrl-C")?;
+    stop?;
     println!("stopped");
     Ok(())
+}
+
+/// Carry out control lines from stdin until it ends; then wait forever (a
+/// closed stdin is not a reason to stop serving).
+async fn control_from_stdin(running: &RunningFleet) {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match running.control(&line) {
+            Ok(msg) => println!("{msg}"),
+            Err(e) => println!("error: {e}"),
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+#[cfg(unix)]
+async fn terminated() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listen for SIGTERM")?;
+    term.recv().await;
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn terminated() -> anyhow::Result<()> {
+    std::future::pending().await
 }

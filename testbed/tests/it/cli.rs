@@ -10,10 +10,10 @@ use std::time::Duration;
 use schemas::config::EdgeConfig;
 use testbed::maps::{SimDeviceSpec, edge_config};
 use testbed::physics::DeviceKind;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_modbus::client::Reader;
-use tokio_modbus::prelude::Slave;
+use tokio_modbus::prelude::{ExceptionCode, Slave};
 
 const BIN: &str = env!("CARGO_BIN_EXE_testbed");
 
@@ -63,6 +63,7 @@ async fn devices_serve_the_config_until_ctrl_c_and_leave_nothing_running() {
         .args(["devices", "--config"])
         .arg(&config)
         .args(["--seed", "7", "--time-scale", "60"])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -122,6 +123,46 @@ async fn devices_serve_the_config_until_ctrl_c_and_leave_nothing_running() {
             "{id} {reg} = {v}, expected {lo}..={hi}"
         );
     }
+
+    // Faults go in through stdin and come out over Modbus.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"fault meter-1 exception:server-device-failure\nfault nope drop\n")
+        .await
+        .unwrap();
+    stdin.flush().await.unwrap();
+    let replies = tokio::time::timeout(Duration::from_secs(10), async {
+        [
+            lines.next_line().await.unwrap(),
+            lines.next_line().await.unwrap(),
+        ]
+    })
+    .await
+    .expect("no answer to control lines within 10 s");
+    assert_eq!(
+        replies[0].as_deref(),
+        Some("ok fault meter-1 exception:server-device-failure")
+    );
+    assert!(
+        replies[1]
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("error: no device \"nope\""),
+        "{replies:?}"
+    );
+    let meter = &devices[2];
+    let mut ctx = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_modbus::client::tcp::connect_slave(meter.addr, Slave(1)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), ctx.read_input_registers(4, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r, Err(ExceptionCode::ServerDeviceFailure));
 
     interrupt(&child);
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
