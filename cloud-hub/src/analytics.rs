@@ -426,7 +426,11 @@ impl std::str::FromStr for Stat {
             "sum" => Stat::Sum,
             "count" => Stat::Count,
             "last" => Stat::Last,
-            _ => return Err(format!("{s:?} is not one of mean, min, max, sum, count, last")),
+            _ => {
+                return Err(format!(
+                    "{s:?} is not one of mean, min, max, sum, count, last"
+                ));
+            }
         })
     }
 }

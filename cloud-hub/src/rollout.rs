@@ -274,10 +274,11 @@ impl Rollout {
         }
         for (field, value) in &spec.changes {
             let fs = field_spec(field).ok_or_else(|| RolloutError::UnknownField(field.clone()))?;
-            fs.check(value).map_err(|reason| RolloutError::InvalidValue {
-                field: field.clone(),
-                reason,
-            })?;
+            fs.check(value)
+                .map_err(|reason| RolloutError::InvalidValue {
+                    field: field.clone(),
+                    reason,
+                })?;
         }
         if !(1..=100).contains(&spec.canary_percent) {
             return Err(RolloutError::CanaryPercent(spec.canary_percent));
@@ -403,7 +404,9 @@ impl Rollout {
         if failure.is_none() && now >= gate_until {
             for m in self.members.iter().filter(|m| m.canary) {
                 let o = find(&m.device);
-                let reported = o.and_then(|o| o.last_report).is_some_and(|t| t >= applied_at);
+                let reported = o
+                    .and_then(|o| o.last_report)
+                    .is_some_and(|t| t >= applied_at);
                 let healthy = o.is_some_and(|o| o.health == HealthStatus::Ok);
                 if !reported || !healthy {
                     failure = Some((

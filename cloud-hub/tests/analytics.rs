@@ -45,7 +45,14 @@ fn insert(idx: &mut RollupIndex, k: &DeviceKey, r: Rollup) -> InsertOutcome {
 }
 
 fn types(k: &DeviceKey) -> Option<String> {
-    Some(if k.device.as_str().starts_with("pump") { "pump" } else { "cold-room" }.to_string())
+    Some(
+        if k.device.as_str().starts_with("pump") {
+            "pump"
+        } else {
+            "cold-room"
+        }
+        .to_string(),
+    )
 }
 
 #[test]
@@ -105,7 +112,11 @@ fn grouping_by_site_and_device_type() {
     ];
     let mut idx = RollupIndex::default();
     for (i, d) in devs.iter().enumerate() {
-        insert(&mut idx, d, roll(d, "temp", 0, 1 + i as u64, 10.0 * i as f64));
+        insert(
+            &mut idx,
+            d,
+            roll(d, "temp", 0, 1 + i as u64, 10.0 * i as f64),
+        );
     }
     let by_site = idx.query(
         &TelemetryQuery {
@@ -118,14 +129,22 @@ fn grouping_by_site_and_device_type() {
         .iter()
         .map(|s| {
             (
-                format!("{}/{}", s.group.tenant.as_ref().unwrap(), s.group.site.as_ref().unwrap()),
+                format!(
+                    "{}/{}",
+                    s.group.tenant.as_ref().unwrap(),
+                    s.group.site.as_ref().unwrap()
+                ),
                 s.points[0].count,
             )
         })
         .collect();
     assert_eq!(
         counts,
-        vec![("acme/s1".into(), 3), ("acme/s2".into(), 3), ("beta/s1".into(), 4)]
+        vec![
+            ("acme/s1".into(), 3),
+            ("acme/s2".into(), 3),
+            ("beta/s1".into(), 4)
+        ]
     );
     let by_type = idx.query(
         &TelemetryQuery {
@@ -168,7 +187,9 @@ fn newer_version_of_a_window_replaces_older_in_either_order() {
 #[test]
 fn top_devices_ranks_by_statistic_with_stable_ties() {
     let mut idx = RollupIndex::default();
-    let devs: Vec<DeviceKey> = (0..5).map(|i| key("acme", "s1", &format!("d{i}"))).collect();
+    let devs: Vec<DeviceKey> = (0..5)
+        .map(|i| key("acme", "s1", &format!("d{i}")))
+        .collect();
     let maxes = [5.0, 9.0, 9.0, 1.0, 7.0];
     for (d, m) in devs.iter().zip(maxes) {
         insert(&mut idx, d, roll(d, "temp", 0, 1, m));
@@ -203,7 +224,11 @@ fn fleet_health_counts_online_and_offline() {
     };
     let now = Timestamp(1_000_000);
     let h = fleet_health(
-        &[e("c", Some(999_000), 1), e("a", Some(900_000), 2), e("b", None, 3)],
+        &[
+            e("c", Some(999_000), 1),
+            e("a", Some(900_000), 2),
+            e("b", None, 3),
+        ],
         now,
         60_000,
     );

@@ -33,7 +33,11 @@ fn candidates() -> Vec<Candidate> {
             Candidate {
                 key: key(i),
                 device_type: "cold-room".into(),
-                tags: if i % 2 == 0 { vec!["zone-a".into()] } else { vec![] },
+                tags: if i % 2 == 0 {
+                    vec!["zone-a".into()]
+                } else {
+                    vec![]
+                },
                 desired,
             }
         })
@@ -67,7 +71,10 @@ struct World {
 impl World {
     fn new(c: &[Candidate]) -> World {
         World {
-            desired: c.iter().map(|c| (c.key.clone(), c.desired.clone())).collect(),
+            desired: c
+                .iter()
+                .map(|c| (c.key.clone(), c.desired.clone()))
+                .collect(),
             ..Default::default()
         }
     }
@@ -134,7 +141,10 @@ fn a_new_alarm_on_a_canary_rolls_back_automatically() {
         assert_eq!(w.desired[k]["setpoint"], FieldValue::Number(2.5));
     }
     // Healthy first tick: nothing happens.
-    assert!(r.handle_tick(Timestamp(T0 + 1_000), &healthy(&r, T0 + 900)).is_empty());
+    assert!(
+        r.handle_tick(Timestamp(T0 + 1_000), &healthy(&r, T0 + 900))
+            .is_empty()
+    );
     // An alarm raised before the change does not count; one after does.
     let mut obs = healthy(&r, T0 + 2_000);
     for o in obs.iter_mut() {
@@ -171,9 +181,15 @@ fn a_new_alarm_on_a_canary_rolls_back_automatically() {
             "rollout.rolled_back"
         ]
     );
-    assert!(w.touched.iter().all(|k| can.contains(k)), "only canaries were touched");
+    assert!(
+        w.touched.iter().all(|k| can.contains(k)),
+        "only canaries were touched"
+    );
     assert!(r.next_wake().is_none());
-    assert!(r.handle_tick(Timestamp(T0 + GATE), &healthy(&r, T0 + GATE)).is_empty());
+    assert!(
+        r.handle_tick(Timestamp(T0 + GATE), &healthy(&r, T0 + GATE))
+            .is_empty()
+    );
 }
 
 #[test]
@@ -182,10 +198,18 @@ fn a_healthy_rollout_completes_after_the_gate() {
     let mut w = World::new(&c);
     let (mut r, fx) = Rollout::start(spec("r1"), &c, Timestamp(T0)).unwrap();
     w.apply(&fx);
-    assert!(r.handle_tick(Timestamp(T0 + GATE - 1), &healthy(&r, T0 + 5)).is_empty());
+    assert!(
+        r.handle_tick(Timestamp(T0 + GATE - 1), &healthy(&r, T0 + 5))
+            .is_empty()
+    );
     let fx = r.handle_tick(Timestamp(T0 + GATE), &healthy(&r, T0 + 5));
     w.apply(&fx);
-    assert_eq!(r.state, RolloutState::Completed { at: Timestamp(T0 + GATE) });
+    assert_eq!(
+        r.state,
+        RolloutState::Completed {
+            at: Timestamp(T0 + GATE)
+        }
+    );
     for v in w.desired.values() {
         assert_eq!(v["setpoint"], FieldValue::Number(2.5));
     }
@@ -221,7 +245,9 @@ fn canaries_that_do_not_report_fail_the_gate() {
         o.loops_in_fail_safe.push("thermostat".into());
     }
     r.handle_tick(Timestamp(T0 + 1), &obs);
-    assert!(matches!(&r.state, RolloutState::RolledBack { cause, .. } if cause.contains("thermostat")));
+    assert!(
+        matches!(&r.state, RolloutState::RolledBack { cause, .. } if cause.contains("thermostat"))
+    );
 }
 
 #[test]
@@ -231,20 +257,45 @@ fn pause_resume_abort() {
     let before = w.desired.clone();
     let (mut r, fx) = Rollout::start(spec("r1"), &c, Timestamp(T0)).unwrap();
     w.apply(&fx);
-    w.apply(&r.pause(Timestamp(T0 + 1_000), "admin:bob", "night shift").unwrap());
+    w.apply(
+        &r.pause(Timestamp(T0 + 1_000), "admin:bob", "night shift")
+            .unwrap(),
+    );
     assert_eq!(r.state.name(), "paused");
-    assert!(r.pause(Timestamp(T0 + 1_001), "admin:bob", "again").is_err());
+    assert!(
+        r.pause(Timestamp(T0 + 1_001), "admin:bob", "again")
+            .is_err()
+    );
     // Paused: the gate does not end, even long after.
-    assert!(r.handle_tick(Timestamp(T0 + 50_000), &healthy(&r, T0 + 50_000)).is_empty());
-    w.apply(&r.resume(Timestamp(T0 + 60_000), "admin:bob", "morning").unwrap());
-    assert_eq!(r.next_wake(), Some(Timestamp(T0 + 69_000)), "9 s of gate were left");
-    assert!(r.handle_tick(Timestamp(T0 + 68_999), &healthy(&r, T0 + 61_000)).is_empty());
-    w.apply(&r.abort(Timestamp(T0 + 68_999), "admin:bob", "customer asked").unwrap());
+    assert!(
+        r.handle_tick(Timestamp(T0 + 50_000), &healthy(&r, T0 + 50_000))
+            .is_empty()
+    );
+    w.apply(
+        &r.resume(Timestamp(T0 + 60_000), "admin:bob", "morning")
+            .unwrap(),
+    );
+    assert_eq!(
+        r.next_wake(),
+        Some(Timestamp(T0 + 69_000)),
+        "9 s of gate were left"
+    );
+    assert!(
+        r.handle_tick(Timestamp(T0 + 68_999), &healthy(&r, T0 + 61_000))
+            .is_empty()
+    );
+    w.apply(
+        &r.abort(Timestamp(T0 + 68_999), "admin:bob", "customer asked")
+            .unwrap(),
+    );
     assert_eq!(r.state.name(), "aborted");
     assert_eq!(w.desired, before, "abort reverts the canaries");
     assert!(matches!(
         r.abort(Timestamp(T0 + 70_000), "admin:bob", "x"),
-        Err(RolloutError::InvalidTransition { action: "abort", state: "aborted" })
+        Err(RolloutError::InvalidTransition {
+            action: "abort",
+            state: "aborted"
+        })
     ));
     assert!(r.resume(Timestamp(T0 + 70_000), "admin:bob", "x").is_err());
     assert_eq!(
@@ -361,11 +412,20 @@ fn bad_specs_are_refused_naming_the_problem() {
     assert!(e.to_string().contains("changes.setpoint") && e.to_string().contains("maximum"));
     let mut s = spec("r1");
     s.selector.tenant = Some(TenantId::new("other").unwrap());
-    assert_eq!(Rollout::start(s, &c, Timestamp(T0)).unwrap_err(), RolloutError::EmptyCohort);
+    assert_eq!(
+        Rollout::start(s, &c, Timestamp(T0)).unwrap_err(),
+        RolloutError::EmptyCohort
+    );
     let mut s = spec("r1");
     s.canary_percent = 0;
-    assert_eq!(Rollout::start(s, &c, Timestamp(T0)).unwrap_err(), RolloutError::CanaryPercent(0));
+    assert_eq!(
+        Rollout::start(s, &c, Timestamp(T0)).unwrap_err(),
+        RolloutError::CanaryPercent(0)
+    );
     let mut s = spec("r1");
     s.gate_ms = 0;
-    assert_eq!(Rollout::start(s, &c, Timestamp(T0)).unwrap_err(), RolloutError::GateMs(0));
+    assert_eq!(
+        Rollout::start(s, &c, Timestamp(T0)).unwrap_err(),
+        RolloutError::GateMs(0)
+    );
 }

@@ -13,7 +13,9 @@ use schemas::time::Timestamp;
 use schemas::{SiteId, TenantId};
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::{DeviceKey, DeviceStat, EdgeStatus, RollupIndex, Series, Stat, TelemetryQuery};
+use crate::analytics::{
+    DeviceKey, DeviceStat, EdgeStatus, RollupIndex, Series, Stat, TelemetryQuery,
+};
 use crate::rollout::Rollout;
 
 /// Why a data operation failed.
@@ -191,8 +193,13 @@ pub trait FleetData: Send + Sync + 'static {
     /// Telemetry series (see [`RollupIndex::query`]).
     fn telemetry(&self, q: &TelemetryQuery) -> Vec<Series>;
     /// Top devices (see [`RollupIndex::top_devices`]).
-    fn top_devices(&self, q: &TelemetryQuery, metric: &str, stat: Stat, n: usize)
-    -> Vec<DeviceStat>;
+    fn top_devices(
+        &self,
+        q: &TelemetryQuery,
+        metric: &str,
+        stat: Stat,
+        n: usize,
+    ) -> Vec<DeviceStat>;
     /// All alarms.
     fn alarms(&self) -> Vec<FleetAlarm>;
     /// Acknowledge an alarm (again: keeps the first acknowledgement).

@@ -82,12 +82,13 @@ impl PageReq {
                 format!("{limit} is not within 1..={}", cfg.max_limit),
             ));
         }
-        let after = match p.take::<String>("cursor")? {
-            None => None,
-            Some(c) => Some(decode_cursor(&c).ok_or_else(|| {
-                ApiError::invalid("cursor", "not a cursor returned by this API")
-            })?),
-        };
+        let after =
+            match p.take::<String>("cursor")? {
+                None => None,
+                Some(c) => Some(decode_cursor(&c).ok_or_else(|| {
+                    ApiError::invalid("cursor", "not a cursor returned by this API")
+                })?),
+            };
         Ok(PageReq { limit, after })
     }
 
@@ -179,7 +180,10 @@ fn time_range(p: &mut Params) -> Result<(Option<Timestamp>, Option<Timestamp>), 
     if let (Some(f), Some(t)) = (from, to)
         && t <= f
     {
-        return Err(ApiError::invalid("to", format!("{} is not after from ({})", t.0, f.0)));
+        return Err(ApiError::invalid(
+            "to",
+            format!("{} is not after from ({})", t.0, f.0),
+        ));
     }
     Ok((from, to))
 }
@@ -247,11 +251,7 @@ fn publish<T: Serialize>(
 // ---------- routes ----------
 
 pub(crate) async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        OPENAPI_JSON,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
 
 pub(crate) async fn list_sites(
@@ -296,7 +296,10 @@ pub(crate) async fn list_edges(
         .filter(|e| online.is_none_or(|o| o == e.online))
         .map(|e| {
             (
-                format!("{}:{}:{}", e.status.tenant, e.status.site, e.status.endpoint),
+                format!(
+                    "{}:{}:{}",
+                    e.status.tenant, e.status.site, e.status.endpoint
+                ),
                 e,
             )
         })
@@ -424,7 +427,10 @@ pub(crate) async fn telemetry_top(
     let stat: Stat = p.take("stat")?.unwrap_or(Stat::Mean);
     let n: usize = p.take("n")?.unwrap_or(10);
     if n == 0 || n > 1000 {
-        return Err(ApiError::invalid("n", format!("{n} is not within 1..=1000")));
+        return Err(ApiError::invalid(
+            "n",
+            format!("{n} is not within 1..=1000"),
+        ));
     }
     let (from, to) = time_range(&mut p)?;
     p.finish()?;
@@ -495,7 +501,9 @@ pub(crate) async fn ack_alarm(
         return Err(ApiError::forbidden(format!("acknowledging alarm {id}")));
     }
     let why = reason(&headers, body.reason)?;
-    let acked = st.data.ack_alarm(&id, &caller.principal(), st.clock.now())?;
+    let acked = st
+        .data
+        .ack_alarm(&id, &caller.principal(), st.clock.now())?;
     audit(
         &st,
         caller.principal(),
@@ -506,7 +514,13 @@ pub(crate) async fn ack_alarm(
         &why,
         serde_json::json!({ "acked_by": acked.alarm.acked_by }),
     )?;
-    publish(&st, "alarm", Some(acked.tenant.clone()), Some(acked.site.clone()), &acked);
+    publish(
+        &st,
+        "alarm",
+        Some(acked.tenant.clone()),
+        Some(acked.site.clone()),
+        &acked,
+    );
     Ok(Json(acked))
 }
 
@@ -567,17 +581,25 @@ pub(crate) async fn create_command(
     if st.data.device(&dkey).is_none() {
         return Err(ApiError::invalid(
             "target",
-            format!("no device {} at site {}/{}", body.target, body.tenant, body.site),
+            format!(
+                "no device {} at site {}/{}",
+                body.target, body.tenant, body.site
+            ),
         ));
     }
     if let CommandAction::SetDesired { field, value } = &body.action {
-        let spec = field_spec(field)
-            .ok_or_else(|| ApiError::invalid("field", format!("unknown desired field {field:?}")))?;
-        spec.check(value).map_err(|e| ApiError::invalid("value", e))?;
+        let spec = field_spec(field).ok_or_else(|| {
+            ApiError::invalid("field", format!("unknown desired field {field:?}"))
+        })?;
+        spec.check(value)
+            .map_err(|e| ApiError::invalid("value", e))?;
     }
     let ttl = body.ttl_ms.unwrap_or(st.config.command_ttl_ms);
     if !(1..=7 * 86_400_000).contains(&ttl) {
-        return Err(ApiError::invalid("ttl_ms", format!("{ttl} is not within 1..=604800000")));
+        return Err(ApiError::invalid(
+            "ttl_ms",
+            format!("{ttl} is not within 1..=604800000"),
+        ));
     }
     let principal = caller.principal();
     let id = match &key {
@@ -621,10 +643,10 @@ pub(crate) async fn create_command(
             && stored.command.target == body.target
             && stored.command.action == body.action;
         if !same {
-            return Err(ApiError::conflict(
-                "idempotency key already used for a different command",
-            )
-            .with_details(serde_json::json!({ "command_id": stored.command.id })));
+            return Err(
+                ApiError::conflict("idempotency key already used for a different command")
+                    .with_details(serde_json::json!({ "command_id": stored.command.id })),
+            );
         }
         return Ok((StatusCode::OK, Json(stored)).into_response());
     }
@@ -638,7 +660,13 @@ pub(crate) async fn create_command(
         &why,
         serde_json::to_value(&stored.command).unwrap_or_default(),
     )?;
-    publish(&st, "command", Some(stored.tenant.clone()), Some(stored.site.clone()), &stored);
+    publish(
+        &st,
+        "command",
+        Some(stored.tenant.clone()),
+        Some(stored.site.clone()),
+        &stored,
+    );
     Ok((StatusCode::CREATED, Json(stored)).into_response())
 }
 
@@ -989,8 +1017,15 @@ pub(crate) async fn list_audit(
         .audit()
         .into_iter()
         .filter(|r| visible(&r.entry))
-        .filter(|r| tenant.as_ref().is_none_or(|t| r.entry.tenant.as_ref() == Some(t)))
-        .filter(|r| site.as_ref().is_none_or(|s| r.entry.site.as_ref() == Some(s)))
+        .filter(|r| {
+            tenant
+                .as_ref()
+                .is_none_or(|t| r.entry.tenant.as_ref() == Some(t))
+        })
+        .filter(|r| {
+            site.as_ref()
+                .is_none_or(|s| r.entry.site.as_ref() == Some(s))
+        })
         .filter(|r| actor.as_ref().is_none_or(|a| *a == r.entry.actor))
         .filter(|r| action.as_ref().is_none_or(|a| *a == r.entry.action))
         .filter(|r| from.is_none_or(|f| r.entry.at >= f) && to.is_none_or(|t| r.entry.at < t))
@@ -1017,7 +1052,9 @@ pub(crate) async fn events(
                     (s, Some(t)) => s.can_read(t, ev.site.as_ref()),
                 };
                 let wanted = kind.as_ref().is_none_or(|k| *k == ev.kind)
-                    && tenant.as_ref().is_none_or(|t| ev.tenant.as_ref() == Some(t))
+                    && tenant
+                        .as_ref()
+                        .is_none_or(|t| ev.tenant.as_ref() == Some(t))
                     && site.as_ref().is_none_or(|s| ev.site.as_ref() == Some(s));
                 if readable && wanted {
                     Event::default().event(ev.kind.clone()).json_data(&ev).ok()

@@ -196,7 +196,12 @@ struct Routes {
 }
 
 impl Routes {
-    fn add(mut self, path: &'static str, methods: &[&'static str], mr: MethodRouter<ApiState>) -> Self {
+    fn add(
+        mut self,
+        path: &'static str,
+        methods: &[&'static str],
+        mr: MethodRouter<ApiState>,
+    ) -> Self {
         self.router = self.router.route(path, mr);
         self.list
             .extend(methods.iter().map(|&method| RouteInfo { method, path }));
@@ -233,9 +238,21 @@ pub fn router_with_routes(state: ApiState) -> (Router, Vec<RouteInfo>) {
         get(h::list_rollouts).post(h::create_rollout),
     )
     .add("/api/v1/rollouts/{id}", &["GET"], get(h::get_rollout))
-    .add("/api/v1/rollouts/{id}/pause", &["POST"], post(h::pause_rollout))
-    .add("/api/v1/rollouts/{id}/resume", &["POST"], post(h::resume_rollout))
-    .add("/api/v1/rollouts/{id}/abort", &["POST"], post(h::abort_rollout))
+    .add(
+        "/api/v1/rollouts/{id}/pause",
+        &["POST"],
+        post(h::pause_rollout),
+    )
+    .add(
+        "/api/v1/rollouts/{id}/resume",
+        &["POST"],
+        post(h::resume_rollout),
+    )
+    .add(
+        "/api/v1/rollouts/{id}/abort",
+        &["POST"],
+        post(h::abort_rollout),
+    )
     .add("/api/v1/audit", &["GET"], get(h::list_audit))
     .add("/api/v1/events", &["GET"], get(h::events));
     let router = r
