@@ -347,6 +347,12 @@ impl<S: RegistryStore> Registry<S> {
         self.state.records.get(endpoint)
     }
 
+    /// Whether `endpoint` may connect now: enrolled and not revoked. The hub's
+    /// connection check; edges use [`RegistryReplica::check_peer`].
+    pub fn check_peer(&self, endpoint: &EndpointKey) -> Result<&IdentityRecord, PeerRefused> {
+        check_record(self.state.records.get(endpoint), endpoint, self.state.seq)
+    }
+
     /// All records, ordered by endpoint key.
     pub fn list(&self) -> impl Iterator<Item = &IdentityRecord> {
         self.state.records.values()
@@ -559,17 +565,25 @@ impl RegistryReplica {
                 endpoint: *endpoint,
             });
         };
-        let rec = snap.lookup(endpoint).ok_or(PeerRefused::Unknown {
-            endpoint: *endpoint,
-            seq: snap.seq,
-        })?;
-        if let Some(at) = rec.revoked_at {
-            return Err(PeerRefused::Revoked {
-                endpoint: *endpoint,
-                at,
-                reason: rec.revoked_reason.clone().unwrap_or_default(),
-            });
-        }
-        Ok(rec)
+        check_record(snap.lookup(endpoint), endpoint, snap.seq)
     }
+}
+
+fn check_record<'a>(
+    rec: Option<&'a IdentityRecord>,
+    endpoint: &EndpointKey,
+    seq: u64,
+) -> Result<&'a IdentityRecord, PeerRefused> {
+    let rec = rec.ok_or(PeerRefused::Unknown {
+        endpoint: *endpoint,
+        seq,
+    })?;
+    if let Some(at) = rec.revoked_at {
+        return Err(PeerRefused::Revoked {
+            endpoint: *endpoint,
+            at,
+            reason: rec.revoked_reason.clone().unwrap_or_default(),
+        });
+    }
+    Ok(rec)
 }

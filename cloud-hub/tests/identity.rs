@@ -316,6 +316,15 @@ fn enrol_revoke_and_persist_across_reopen() {
     assert!(r1.is_revoked());
     assert_eq!(r1.revoked_at, Some(T0.saturating_add_ms(5)));
     assert!(!reg.lookup(&node(2)).unwrap().is_revoked());
+    assert!(matches!(
+        reg.check_peer(&node(1)),
+        Err(PeerRefused::Revoked { .. })
+    ));
+    assert_eq!(reg.check_peer(&node(2)).unwrap().endpoint_id, node(2));
+    assert!(matches!(
+        reg.check_peer(&node(8)),
+        Err(PeerRefused::Unknown { seq: 3, .. })
+    ));
 
     // Used nonces survive the restart.
     let err = reg.enrol(&t1, node(3), T0).unwrap_err();
@@ -675,4 +684,45 @@ fn cli_refuses_a_world_readable_hub_key() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("chmod 600"), "{}", stderr(&o));
     assert!(stdout(&o).is_empty());
+}
+
+#[test]
+fn cli_reads_the_hub_config_and_flags_override_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let from_cfg = tmp.path().join("from-config");
+    let cfg = tmp.path().join("hub.toml");
+    std::fs::write(
+        &cfg,
+        format!("data_dir = {:?}\n", from_cfg.display().to_string()),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["init"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(from_cfg.join("hub.key").exists());
+    assert!(from_cfg.join("audit.log").exists());
+    let flagged = tmp.path().join("from-flag");
+    let o = run(&["--data-dir", flagged.to_str().unwrap(), "init"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(flagged.join("hub.key").exists());
+    assert_ne!(
+        std::fs::read(from_cfg.join("hub.key")).unwrap(),
+        std::fs::read(flagged.join("hub.key")).unwrap()
+    );
+    // A bad config file is named with the field at fault.
+    std::fs::write(&cfg, "data_dirr = \"x\"\n").unwrap();
+    let o = run(&["node", "list"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("hub.toml") && err.contains("data_dirr"),
+        "{err}"
+    );
 }
