@@ -14,8 +14,8 @@
 //!    hash of rollout id and device), remembers each device's previous values
 //!    and sets the new ones on the canaries. State: [`RolloutState::Canary`].
 //! 2. During the gate, [`Rollout::handle_tick`] gets what the hub observes of
-//!    the canaries. A new alarm raised after the change, a loop in fail-safe
-//!    or an unreachable device fails the gate at once. At the end of the gate
+//!    the cohort. A new alarm raised after the change on any cohort device, a
+//!    canary loop in fail-safe or an unreachable canary fails the gate at once. At the end of the gate
 //!    every canary must have reported since the change with health `ok`.
 //! 3. A passing gate sets the values on the rest of the cohort:
 //!    [`RolloutState::Completed`]. A failing gate puts the previous values back
@@ -354,6 +354,24 @@ impl Rollout {
         Ok((r, fx))
     }
 
+    /// Whether both rollouts are still active and change a common field of a
+    /// common device: running both would let one's rollback undo the other.
+    pub fn conflicts_with(&self, other: &Rollout) -> bool {
+        if self.state.is_final() || other.state.is_final() {
+            return false;
+        }
+        let shared_field = self
+            .spec
+            .changes
+            .keys()
+            .any(|f| other.spec.changes.contains_key(f));
+        shared_field
+            && self
+                .members
+                .iter()
+                .any(|m| other.members.iter().any(|o| o.device == m.device))
+    }
+
     /// When the caller should call [`Rollout::handle_tick`] next, if ever.
     pub fn next_wake(&self) -> Option<Timestamp> {
         match self.state {
@@ -375,16 +393,22 @@ impl Rollout {
         };
         let find = |d: &DeviceKey| obs.iter().find(|o| o.device == *d);
         let mut failure: Option<(String, serde_json::Value)> = None;
-        for m in self.members.iter().filter(|m| m.canary) {
+        // New alarms count on any cohort device (a canary's change can upset
+        // its neighbours); loop and reachability checks apply to canaries.
+        for m in &self.members {
             let Some(o) = find(&m.device) else {
                 continue;
             };
             if let Some(a) = o.alarms.iter().find(|a| a.raised_at >= applied_at) {
+                let role = if m.canary { "canary" } else { "cohort device" };
                 failure = Some((
-                    format!("new alarm {} on canary {}", a.id, m.device),
+                    format!("new alarm {} on {role} {}", a.id, m.device),
                     serde_json::json!({ "device": m.device, "alarm": a }),
                 ));
                 break;
+            }
+            if !m.canary {
+                continue;
             }
             if let Some(l) = o.loops_in_fail_safe.first() {
                 failure = Some((

@@ -1034,3 +1034,31 @@ async fn events_stream_sends_scoped_filtered_changes() {
     );
     drop(body);
 }
+
+#[tokio::test]
+async fn overlapping_active_rollouts_are_refused() {
+    let f = fx();
+    let body = |field: &str| {
+        json!({"selector": {"tenant": "acme"}, "changes": {field: 3.0},
+               "gate_ms": 10000, "reason": "tune"})
+    };
+    let (s, first) = post(&f.app, "/api/v1/rollouts", &f.admin, body("setpoint")).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, v) = post(&f.app, "/api/v1/rollouts", &f.admin, body("setpoint")).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error(&v, "conflict");
+    assert_eq!(v["details"]["rollout"], first["spec"]["id"]);
+    let (s, _) = post(&f.app, "/api/v1/rollouts", &f.admin, body("hysteresis")).await;
+    assert_eq!(s, StatusCode::CREATED, "another field does not conflict");
+    let id = first["spec"]["id"].as_str().unwrap();
+    let (s, _) = post(
+        &f.app,
+        &format!("/api/v1/rollouts/{id}/abort"),
+        &f.admin,
+        json!({"reason": "make room"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = post(&f.app, "/api/v1/rollouts", &f.admin, body("setpoint")).await;
+    assert_eq!(s, StatusCode::CREATED, "after abort the field is free");
+}

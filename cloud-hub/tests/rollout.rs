@@ -429,3 +429,58 @@ fn bad_specs_are_refused_naming_the_problem() {
         RolloutError::GateMs(0)
     );
 }
+
+#[test]
+fn new_alarms_anywhere_in_the_cohort_fail_the_gate_but_not_outside_it() {
+    let c = candidates();
+    let mut s = spec("r1");
+    s.selector.tags = vec!["zone-a".into()];
+    let (mut r, _) = Rollout::start(s.clone(), &c, Timestamp(T0)).unwrap();
+    let non_canary = r.members.iter().find(|m| !m.canary).unwrap().device.clone();
+    let outsider = key(1); // odd: not tagged zone-a
+    assert!(r.members.iter().all(|m| m.device != outsider));
+    let new_alarm = |d: &DeviceKey| DeviceObservation {
+        device: d.clone(),
+        last_report: Some(Timestamp(T0 + 1)),
+        health: HealthStatus::Ok,
+        loops_in_fail_safe: vec![],
+        alarms: vec![AlarmSeen {
+            id: "x".into(),
+            raised_at: Timestamp(T0 + 1),
+            severity: Severity::Info,
+        }],
+    };
+    let mut obs = healthy(&r, T0 + 1);
+    obs.push(new_alarm(&outsider));
+    assert!(
+        r.handle_tick(Timestamp(T0 + 2), &obs).is_empty(),
+        "outsider ignored"
+    );
+    obs.retain(|o| o.device != non_canary);
+    obs.push(new_alarm(&non_canary));
+    r.handle_tick(Timestamp(T0 + 3), &obs);
+    assert!(
+        matches!(&r.state, RolloutState::RolledBack { cause, .. } if cause.contains("cohort device"))
+    );
+}
+
+#[test]
+fn active_rollouts_on_the_same_device_and_field_conflict() {
+    let c = candidates();
+    let (a, _) = Rollout::start(spec("r1"), &c, Timestamp(T0)).unwrap();
+    let (mut b, _) = Rollout::start(spec("r2"), &c, Timestamp(T0)).unwrap();
+    assert!(a.conflicts_with(&b) && b.conflicts_with(&a));
+    let mut other_field = spec("r3");
+    other_field.changes = [("hysteresis".to_string(), FieldValue::Number(1.0))].into();
+    let (d, _) = Rollout::start(other_field, &c, Timestamp(T0)).unwrap();
+    assert!(!a.conflicts_with(&d));
+    let mut other_devices = spec("r4");
+    other_devices.selector.tags = vec!["zone-a".into()];
+    let (e, _) = Rollout::start(other_devices.clone(), &c, Timestamp(T0)).unwrap();
+    assert!(a.conflicts_with(&e), "zone-a is inside the whole tenant");
+    b.abort(Timestamp(T0 + 1), "admin:a", "x").unwrap();
+    assert!(
+        !a.conflicts_with(&b),
+        "a finished rollout no longer conflicts"
+    );
+}

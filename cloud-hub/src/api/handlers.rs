@@ -879,6 +879,13 @@ pub(crate) async fn create_rollout(
         .collect();
     let _guard = st.rollout_lock.lock().await;
     let (r, fx) = Rollout::start(spec, &candidates, st.clock.now()).map_err(rollout_error)?;
+    if let Some(other) = st.data.rollouts().iter().find(|o| r.conflicts_with(o)) {
+        return Err(ApiError::conflict(format!(
+            "rollout {} is still active on some of these devices and fields; finish or abort it first",
+            other.spec.id
+        ))
+        .with_details(serde_json::json!({ "rollout": other.spec.id })));
+    }
     apply_effects(&st, &r, fx)?;
     Ok((StatusCode::CREATED, Json(r)).into_response())
 }
