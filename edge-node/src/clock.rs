@@ -100,6 +100,36 @@ impl Clock for ManualClock {
     }
 }
 
+/// A clock that follows tokio's timer: under `tokio::time::pause()` it is
+/// virtual and advances with the runtime's auto-advance, so simulations of
+/// days run in seconds. Wall time is `start` plus the elapsed tokio time.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    start_wall: Timestamp,
+    start_mono: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock reading `start` now.
+    pub fn new(start: Timestamp) -> Self {
+        TokioClock {
+            start_wall: start,
+            start_mono: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        let elapsed = tokio::time::Instant::now().saturating_duration_since(self.start_mono);
+        self.start_wall
+            .saturating_add_ms(i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+    }
+    fn monotonic(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,3 +3,4 @@ pub mod clock;
 pub mod modbus;
 pub mod raw_zone;
 pub mod summariser;
+pub mod control;
