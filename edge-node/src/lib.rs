@@ -1,5 +1,6 @@
 //! placeholder
 pub mod clock;
+pub mod commands;
 pub mod modbus;
 pub mod raw_zone;
 pub mod summariser;
