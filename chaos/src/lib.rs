@@ -21,5 +21,6 @@
 //! let _ = Direction::AToB;
 //! ```
 
+pub mod check;
 pub mod link;
 pub mod scenario;

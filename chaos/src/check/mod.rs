@@ -1,0 +1,443 @@
+//! Invariant checkers over a recorded run: pure functions from a
+//! [`RunRecord`] (history plus end-of-run observations) to [`Verdict`]s with
+//! evidence (the exact documents, samples, commands, ticks and log lines
+//! involved, never only a count).
+//!
+//! | checker | invariant |
+//! |---|---|
+//! | `convergence` | all replicas of each document have identical heads |
+//! | `telemetry` | every acknowledged sample is counted exactly once in the hub's rollups (see [`telemetry`] for what counts and sums can prove) |
+//! | `commands` | each command id executed at most once, and only if issued |
+//! | `liveness` | no gap between control-loop ticks beyond `period * tolerance`, except while the node was down |
+//! | `compliance` | no tenant document on a hub outside its region; no raw data off its site; a global hub holds only fleet aggregates; no site data on another site's edge |
+//! | `no-panic` | no panic line in any node's log |
+//!
+//! A checker with nothing to look at says [`Status::Unknown`] rather than
+//! passing: a run that recorded no ticks has not shown that loops never
+//! stalled.
+
+pub mod commands;
+pub mod compliance;
+pub mod convergence;
+pub mod history;
+pub mod liveness;
+pub mod logs;
+pub mod telemetry;
+
+use serde::{Deserialize, Serialize};
+
+use schemas::TenantId;
+use schemas::ids::{DataClass, DeviceId, SiteId};
+use schemas::metrics::Rollup;
+use schemas::policy::Region;
+use schemas::time::Timestamp;
+
+use crate::scenario::{FaultSpan, NodeRole, NodeSpan, TenantSpec};
+pub use history::{History, Op, OpType};
+
+/// The outcome of one checker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The invariant held.
+    Pass,
+    /// There was nothing to check (or not enough data to decide).
+    Unknown,
+    /// The invariant was violated; the evidence says where.
+    Fail,
+}
+
+impl Status {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Unknown => "unknown",
+            Status::Fail => "fail",
+        }
+    }
+}
+
+/// A node of the run and its role.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node name (as in the scenario).
+    pub name: String,
+    /// Hub or edge, with region/site.
+    pub role: NodeRole,
+}
+
+/// The heads of one replica of one document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaHeads {
+    /// The node holding the replica.
+    pub node: String,
+    /// The document id.
+    pub doc: String,
+    /// Its heads (change hashes, hex), in any order.
+    pub heads: Vec<String>,
+}
+
+/// A rollup as held by a hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HubRollup {
+    /// The hub.
+    pub hub: String,
+    /// Tenant of the site.
+    pub tenant: TenantId,
+    /// The site the rollup came from.
+    pub site: SiteId,
+    /// The rollup.
+    pub rollup: Rollup,
+}
+
+/// A sample an edge recorded (acknowledged, or of unknown outcome).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleObs {
+    /// The edge that took it.
+    pub edge: String,
+    /// Its site.
+    pub site: SiteId,
+    /// The device.
+    pub device: DeviceId,
+    /// The metric.
+    pub metric: String,
+    /// Per (edge, device, metric) sequence number: the sample's identity.
+    pub seq: u64,
+    /// Timestamp.
+    pub ts: Timestamp,
+    /// Value.
+    pub value: f64,
+}
+
+/// One execution of a command by an edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandExecution {
+    /// The edge that executed it.
+    pub edge: String,
+    /// The command id.
+    pub command_id: String,
+    /// When, ms since the run started.
+    pub at_ms: i64,
+}
+
+/// The tick times of one control loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopTicks {
+    /// The node running the loop.
+    pub node: String,
+    /// The loop's name.
+    pub loop_name: String,
+    /// Its configured period.
+    pub period_ms: i64,
+    /// Tick times, ms since the run started.
+    pub ticks_ms: Vec<i64>,
+}
+
+/// A document (or raw-zone item) a node holds, with its compliance labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldDoc {
+    /// Document id (or a raw-zone name).
+    pub doc: String,
+    /// Its data class.
+    pub class: DataClass,
+    /// Owning tenant, if any.
+    #[serde(default)]
+    pub tenant: Option<TenantId>,
+    /// Originating site, if any.
+    #[serde(default)]
+    pub site: Option<SiteId>,
+    /// The tenant's region as the node labelled it (if absent, taken from
+    /// the fleet's tenant list).
+    #[serde(default)]
+    pub region: Option<Region>,
+}
+
+/// What one node holds at the end of the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    /// The node.
+    pub node: String,
+    /// Its documents.
+    pub docs: Vec<HeldDoc>,
+}
+
+/// One log line of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// The node.
+    pub node: String,
+    /// 1-based line number in that node's log.
+    pub line_no: usize,
+    /// The text.
+    pub text: String,
+}
+
+/// Everything observed at the end of a run (and during it, for ticks and
+/// logs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Observations {
+    /// The fleet's nodes and roles.
+    pub nodes: Vec<NodeInfo>,
+    /// Tenants and their regions.
+    pub tenants: Vec<TenantSpec>,
+    /// Heads of every replica of every document.
+    pub replicas: Vec<ReplicaHeads>,
+    /// Rollup window the edges used.
+    pub rollup_window_ms: i64,
+    /// Every hub's telemetry rollups.
+    pub hub_rollups: Vec<HubRollup>,
+    /// Samples the edges acknowledged as durably stored.
+    pub acked_samples: Vec<SampleObs>,
+    /// Samples whose write had an unknown outcome (the edge died mid-write):
+    /// they may or may not be counted.
+    pub indeterminate_samples: Vec<SampleObs>,
+    /// Every command execution by every edge.
+    pub command_executions: Vec<CommandExecution>,
+    /// Control-loop ticks.
+    pub loop_ticks: Vec<LoopTicks>,
+    /// Documents held per node.
+    pub holdings: Vec<Holding>,
+    /// Log lines of every node.
+    pub logs: Vec<LogLine>,
+    /// When nodes were down (killed until restarted).
+    pub downtime: Vec<NodeSpan>,
+    /// End of the observation window, ms since the run started.
+    pub end_ms: i64,
+    /// When all replicas first had identical heads after the last heal.
+    pub converged_at_ms: Option<i64>,
+}
+
+/// Everything a run produced: the input of the checkers and the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunRecord {
+    /// Scenario name.
+    pub scenario: String,
+    /// Seed of the run.
+    pub seed: u64,
+    /// Length of the fault phase.
+    pub duration_ms: i64,
+    /// Link faults over time.
+    pub faults: Vec<FaultSpan>,
+    /// Loop period tolerance (default 3).
+    pub loop_period_tolerance: Option<f64>,
+    /// Checkers to run (empty: all).
+    pub checkers: Vec<String>,
+    /// The history of client operations.
+    pub history: History,
+    /// End-of-run observations.
+    pub observations: Observations,
+}
+
+/// A piece of evidence for a verdict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Evidence {
+    /// Replicas of one document disagree.
+    Diverged {
+        /// The document.
+        doc: String,
+        /// Every replica and its heads.
+        replicas: Vec<ReplicaHeads>,
+    },
+    /// A telemetry window whose rollup does not account for its samples.
+    Telemetry(Box<telemetry::WindowMismatch>),
+    /// A command id executed more than once.
+    CommandRepeated {
+        /// The command id.
+        command_id: String,
+        /// Every execution of it.
+        executions: Vec<CommandExecution>,
+    },
+    /// A command executed that no client issued.
+    CommandNotIssued {
+        /// The command id.
+        command_id: String,
+        /// Its executions.
+        executions: Vec<CommandExecution>,
+    },
+    /// A control loop did not tick for too long.
+    LoopStall {
+        /// The node.
+        node: String,
+        /// The loop.
+        loop_name: String,
+        /// Its period.
+        period_ms: i64,
+        /// Last tick before the gap (or the start of observation).
+        from_ms: i64,
+        /// First tick after the gap (or the end of observation).
+        to_ms: i64,
+        /// Longest gap allowed.
+        allowed_ms: i64,
+    },
+    /// A document on the wrong side of a compliance boundary.
+    Compliance {
+        /// The node holding it.
+        node: String,
+        /// The document.
+        doc: HeldDoc,
+        /// The rule broken.
+        rule: String,
+    },
+    /// A panic in a log.
+    Panic {
+        /// The log line.
+        line: LogLine,
+    },
+    /// The input itself is inconsistent.
+    Malformed {
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl Evidence {
+    /// One line for humans.
+    pub fn describe(&self) -> String {
+        match self {
+            Evidence::Diverged { doc, replicas } => {
+                let parts: Vec<String> = replicas
+                    .iter()
+                    .map(|r| format!("{}=[{}]", r.node, short_heads(&r.heads)))
+                    .collect();
+                format!("{doc} diverged: {}", parts.join(" "))
+            }
+            Evidence::Telemetry(m) => m.describe(),
+            Evidence::CommandRepeated {
+                command_id,
+                executions,
+            } => {
+                let parts: Vec<String> = executions
+                    .iter()
+                    .map(|e| format!("{}@{}ms", e.edge, e.at_ms))
+                    .collect();
+                format!(
+                    "command {command_id} executed {} times: {}",
+                    executions.len(),
+                    parts.join(", ")
+                )
+            }
+            Evidence::CommandNotIssued {
+                command_id,
+                executions,
+            } => format!(
+                "command {command_id} executed {} time(s) but never issued",
+                executions.len()
+            ),
+            Evidence::LoopStall {
+                node,
+                loop_name,
+                period_ms,
+                from_ms,
+                to_ms,
+                allowed_ms,
+            } => format!(
+                "{node} loop {loop_name} (period {period_ms}ms) did not tick from {from_ms}ms to {to_ms}ms: gap {}ms > allowed {allowed_ms}ms",
+                to_ms - from_ms
+            ),
+            Evidence::Compliance { node, doc, rule } => {
+                format!("{node} holds {} ({:?}): {rule}", doc.doc, doc.class)
+            }
+            Evidence::Panic { line } => {
+                format!("{} log line {}: {}", line.node, line.line_no, line.text)
+            }
+            Evidence::Malformed { detail } => format!("malformed input: {detail}"),
+        }
+    }
+}
+
+fn short_heads(h: &[String]) -> String {
+    h.iter()
+        .map(|x| x.chars().take(8).collect::<String>())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The outcome of one checker with its evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Checker name (see [`crate::scenario::CHECKERS`]).
+    pub checker: String,
+    /// Pass, fail or unknown.
+    pub status: Status,
+    /// One sentence.
+    pub summary: String,
+    /// What was found (empty on pass).
+    pub evidence: Vec<Evidence>,
+}
+
+impl Verdict {
+    pub(crate) fn new(checker: &str, evidence: Vec<Evidence>, pass: String, fail: String) -> Self {
+        let status = if evidence.is_empty() {
+            Status::Pass
+        } else {
+            Status::Fail
+        };
+        Verdict {
+            checker: checker.to_string(),
+            status,
+            summary: if evidence.is_empty() { pass } else { fail },
+            evidence,
+        }
+    }
+
+    pub(crate) fn unknown(checker: &str, why: &str) -> Self {
+        Verdict {
+            checker: checker.to_string(),
+            status: Status::Unknown,
+            summary: why.to_string(),
+            evidence: Vec::new(),
+        }
+    }
+}
+
+/// Run the requested checkers (all when `record.checkers` is empty).
+pub fn run_checks(record: &RunRecord) -> Vec<Verdict> {
+    let o = &record.observations;
+    let tol = record.loop_period_tolerance.unwrap_or(3.0);
+    let all = record.checkers.is_empty();
+    let want = |n: &str| all || record.checkers.iter().any(|c| c == n);
+    let mut out = Vec::new();
+    if want("convergence") {
+        out.push(convergence::check(o));
+    }
+    if want("telemetry") {
+        out.push(telemetry::check(o));
+    }
+    if want("commands") {
+        out.push(commands::check(&record.history, o));
+    }
+    if want("liveness") {
+        out.push(liveness::check(o, tol));
+    }
+    if want("compliance") {
+        out.push(compliance::check(o));
+    }
+    if want("no-panic") {
+        out.push(logs::check(o));
+    }
+    out
+}
+
+/// The overall status: fail if any checker failed, else unknown if any was
+/// unknown, else pass.
+pub fn overall(verdicts: &[Verdict]) -> Status {
+    verdicts
+        .iter()
+        .map(|v| v.status)
+        .max()
+        .unwrap_or(Status::Unknown)
+}
+
+/// Exit code convention of `chaos`: 0 pass, 1 fail, 2 error (including a
+/// run that could not be judged: an overall unknown).
+pub fn exit_code(status: Status) -> i32 {
+    match status {
+        Status::Pass => 0,
+        Status::Fail => 1,
+        Status::Unknown => 2,
+    }
+}
