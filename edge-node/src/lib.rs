@@ -5,3 +5,4 @@ pub mod modbus;
 pub mod raw_zone;
 pub mod summariser;
 pub mod control;
+pub mod alarms;
