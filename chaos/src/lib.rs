@@ -23,4 +23,5 @@
 
 pub mod check;
 pub mod link;
+pub mod report;
 pub mod scenario;

@@ -1,2 +1,259 @@
-//! The `chaos` command line: validate scenarios, run a relay by hand, render reports.
-fn main() {}
+//! The `chaos` command line: validate scenario files, run a fault-injecting
+//! relay by hand, and render a report from a recorded run.
+//!
+//! Exit codes: 0 pass, 1 fail (a checker failed, a scenario file is
+//! invalid), 2 error (bad input, IO, or a run that could not be judged).
+//! `chaos run` against a real fleet is not implemented yet.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use chaos::check::{self, RunRecord};
+use chaos::link::{Direction, LinkFaults, Relay, RelayConfig};
+use chaos::report;
+use chaos::scenario::{self, Scenario};
+
+#[derive(Parser)]
+#[command(
+    name = "chaos",
+    about = "fieldsync chaos tooling: scenarios, fault-injecting relay, reports"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dir {
+    Both,
+    AToB,
+    BToA,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Parse and validate every *.toml scenario in DIR (or one file).
+    CheckScenarios {
+        /// Directory or file [default: the crate's scenarios/ folder].
+        path: Option<PathBuf>,
+    },
+    /// Run a UDP relay between a client and --target until Ctrl-C.
+    Relay {
+        /// Address clients send to (127.0.0.1 only).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Address datagrams are forwarded to (127.0.0.1 only).
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        /// Which direction the faults apply to (a-to-b: client to target).
+        #[arg(long, value_enum, default_value = "both")]
+        direction: Dir,
+        /// Drop everything.
+        #[arg(long)]
+        partition: bool,
+        /// Loss probability.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Delay in ms.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Jitter in ms (uniform, +-).
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u64,
+        /// Duplication probability.
+        #[arg(long, default_value_t = 0.0)]
+        duplicate: f64,
+        /// Reordering probability.
+        #[arg(long, default_value_t = 0.0)]
+        reorder: f64,
+        /// How long a reordered datagram is held back, ms.
+        #[arg(long, default_value_t = 20)]
+        reorder_gap_ms: u64,
+        /// Bandwidth cap, bytes per second.
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// Seed of the random decisions.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print counters every N seconds (0: only at exit).
+        #[arg(long, default_value_t = 5)]
+        stats_every: u64,
+    },
+    /// Run the checkers over a recorded run and write report.json,
+    /// summary.txt and timeline.svg.
+    Report {
+        /// The run record (JSON).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::CheckScenarios { path } => check_scenarios(path),
+        Cmd::Report { input, out } => render(input, out),
+        relay @ Cmd::Relay { .. } => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(run_relay(relay)),
+            Err(e) => Err(anyhow::Error::from(e).context("start the tokio runtime")),
+        },
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("chaos: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check_scenarios(path: Option<PathBuf>) -> anyhow::Result<u8> {
+    let path =
+        path.unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios")));
+    let results = if path.is_dir() {
+        scenario::load_dir(&path)
+            .with_context(|| format!("list scenarios in {}", path.display()))?
+    } else {
+        vec![(path.clone(), Scenario::load(&path))]
+    };
+    if results.is_empty() {
+        anyhow::bail!("no *.toml scenario files in {}", path.display());
+    }
+    let mut bad = 0;
+    for (file, r) in &results {
+        match r {
+            Ok(s) => println!(
+                "ok    {}: {} ({} actions, {} nodes, {} links, {} s)",
+                file.display(),
+                s.name,
+                s.timeline.len(),
+                s.fleet.nodes().len(),
+                s.fleet.links().len(),
+                s.duration.as_secs_f64()
+            ),
+            Err(e) => {
+                bad += 1;
+                println!("error {e}");
+            }
+        }
+    }
+    println!("{} scenario files, {} invalid", results.len(), bad);
+    Ok(if bad > 0 { 1 } else { 0 })
+}
+
+fn render(input: PathBuf, out: PathBuf) -> anyhow::Result<u8> {
+    let text =
+        std::fs::read_to_string(&input).with_context(|| format!("read {}", input.display()))?;
+    let record: RunRecord = serde_json::from_str(&text)
+        .with_context(|| format!("parse run record {}", input.display()))?;
+    if let Err(e) = record.history.validate() {
+        anyhow::bail!("{}: history is malformed: {e}", input.display());
+    }
+    let rep = report::build(&record);
+    let files = report::write_all(&rep, &out).context("write the report")?;
+    print!("{}", report::render_text(&rep));
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(check::exit_code(rep.overall) as u8)
+}
+
+async fn run_relay(cmd: Cmd) -> anyhow::Result<u8> {
+    let Cmd::Relay {
+        listen,
+        target,
+        direction,
+        partition,
+        loss,
+        delay_ms,
+        jitter_ms,
+        duplicate,
+        reorder,
+        reorder_gap_ms,
+        bandwidth,
+        seed,
+        stats_every,
+    } = cmd
+    else {
+        anyhow::bail!("not a relay command");
+    };
+    let faults = LinkFaults {
+        partitioned: partition,
+        loss,
+        delay: Duration::from_millis(delay_ms),
+        jitter: Duration::from_millis(jitter_ms),
+        duplicate,
+        reorder,
+        reorder_gap: Duration::from_millis(reorder_gap_ms),
+        bandwidth,
+        ..LinkFaults::default()
+    };
+    faults.validate().context("fault flags")?;
+    let mut cfg = RelayConfig::proxy(listen, target, seed);
+    for d in Direction::BOTH {
+        let applies = matches!(
+            (direction, d),
+            (Dir::Both, _) | (Dir::AToB, Direction::AToB) | (Dir::BToA, Direction::BToA)
+        );
+        if applies {
+            cfg.faults[match d {
+                Direction::AToB => 0,
+                Direction::BToA => 1,
+            }] = faults.clone();
+        }
+    }
+    let relay = Relay::spawn(cfg).await.context("start the relay")?;
+    println!(
+        "relaying {} -> {} (from {}); Ctrl-C to stop",
+        relay.a_side(),
+        target,
+        relay.b_side()
+    );
+    let h = relay.handle();
+    let print = || {
+        for d in Direction::BOTH {
+            let c = h.counters(d);
+            println!(
+                "{d:?}: in {} ({} B), forwarded {} ({} B), dropped partition {} loss {} queue {} no-peer {}, duplicated {}, reordered {}",
+                c.packets_in,
+                c.bytes_in,
+                c.forwarded,
+                c.bytes_forwarded,
+                c.dropped_partition,
+                c.dropped_loss,
+                c.dropped_queue,
+                c.no_peer,
+                c.duplicated,
+                c.reordered
+            );
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(stats_every.max(1)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                r.context("wait for Ctrl-C")?;
+                break;
+            }
+            _ = tick.tick(), if stats_every > 0 => print(),
+        }
+    }
+    print();
+    relay.shutdown().await.context("stop the relay")?;
+    Ok(0)
+}

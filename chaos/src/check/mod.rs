@@ -32,7 +32,7 @@ use schemas::metrics::Rollup;
 use schemas::policy::Region;
 use schemas::time::Timestamp;
 
-use crate::scenario::{FaultSpan, NodeRole, NodeSpan, TenantSpec};
+use crate::scenario::{FaultSpan, Link, NodeRole, NodeSpan, TenantSpec};
 pub use history::{History, Op, OpType};
 
 /// The outcome of one checker.
@@ -219,6 +219,8 @@ pub struct RunRecord {
     pub seed: u64,
     /// Length of the fault phase.
     pub duration_ms: i64,
+    /// Every node pair that talks (each had its own relay).
+    pub links: Vec<Link>,
     /// Link faults over time.
     pub faults: Vec<FaultSpan>,
     /// Loop period tolerance (default 3).
