@@ -533,3 +533,212 @@ async fn a_stuck_device_never_stops_the_loop_ticking() {
     assert!(*stuck.calls.lock().unwrap() >= 10, "outputs were queued");
     runner.stop().await;
 }
+
+// ------------------------------------------------------------ end to end
+
+mod wire {
+    //! A minimal Modbus TCP device on loopback: holding registers and coils.
+    use std::collections::HashMap;
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+    use tokio_modbus::server::tcp::{Server, accept_tcp_connection};
+    use tokio_modbus::{ExceptionCode, Request, Response};
+
+    #[derive(Clone, Default)]
+    pub(crate) struct Plant {
+        pub(crate) holding: Arc<Mutex<HashMap<u16, u16>>>,
+        pub(crate) coils: Arc<Mutex<HashMap<u16, bool>>>,
+    }
+
+    fn get<T: Copy>(m: &Mutex<HashMap<u16, T>>, a: u16, n: u16) -> Result<Vec<T>, ExceptionCode> {
+        let m = m.lock().unwrap();
+        (a..a + n)
+            .map(|i| m.get(&i).copied().ok_or(ExceptionCode::IllegalDataAddress))
+            .collect()
+    }
+
+    impl tokio_modbus::server::Service for Plant {
+        type Request = Request<'static>;
+        type Response = Response;
+        type Exception = ExceptionCode;
+        type Future = Pin<Box<dyn Future<Output = Result<Response, ExceptionCode>> + Send>>;
+
+        fn call(&self, req: Self::Request) -> Self::Future {
+            let r = match req {
+                Request::ReadHoldingRegisters(a, n) => {
+                    get(&self.holding, a, n).map(Response::ReadHoldingRegisters)
+                }
+                Request::ReadCoils(a, n) => get(&self.coils, a, n).map(Response::ReadCoils),
+                Request::WriteSingleCoil(a, v) => {
+                    self.coils.lock().unwrap().insert(a, v);
+                    Ok(Response::WriteSingleCoil(a, v))
+                }
+                _ => Err(ExceptionCode::IllegalFunction),
+            };
+            Box::pin(std::future::ready(r))
+        }
+    }
+
+    pub(crate) async fn serve(plant: Plant) -> (SocketAddr, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Server::new(listener);
+        let task = tokio::spawn(async move {
+            let on_connected = move |stream, socket_addr| {
+                let plant = plant.clone();
+                async move {
+                    accept_tcp_connection(stream, socket_addr, move |_| Ok(Some(plant.clone())))
+                }
+            };
+            let _ = server.serve(&on_connected, |_| {}).await;
+        });
+        (addr, task)
+    }
+}
+
+async fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interlock_drives_a_real_modbus_pump_and_fails_safe_when_it_goes_away() {
+    use edge_node::clock::SystemClock;
+    use edge_node::control::CoilActuator;
+    use edge_node::modbus::{AdapterOptions, spawn_device};
+    use schemas::config::DeviceConfig;
+    use schemas::metrics::Unit;
+    use schemas::registers::{RegisterFunction, RegisterSpec, RegisterType};
+
+    let plant = wire::Plant::default();
+    let set_pressure = |bar: f64| {
+        plant
+            .holding
+            .lock()
+            .unwrap()
+            .insert(0, (bar * 10.0).round() as u16);
+    };
+    set_pressure(5.0);
+    plant.coils.lock().unwrap().insert(0, false);
+    let pump_on = || plant.coils.lock().unwrap()[&0];
+    let (addr, server) = wire::serve(plant.clone()).await;
+
+    let reg = |name: &str, function, data_type, scale| RegisterSpec {
+        name: name.into(),
+        unit_id: 1,
+        function,
+        address: 0,
+        data_type,
+        word_order: Default::default(),
+        byte_order: Default::default(),
+        scale,
+        offset: 0.0,
+        unit: Unit::Bar,
+        poll_ms: 20,
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let values = LatestValues::new();
+    let (dev_tx, mut dev_rx) = mpsc::channel(10_000);
+    let drain = tokio::spawn(async move { while dev_rx.recv().await.is_some() {} });
+    let device = spawn_device(
+        DeviceConfig {
+            id: dev(),
+            device_type: "pump".into(),
+            addr,
+            timeout_ms: 500,
+            tags: vec![],
+            registers: vec![
+                reg(
+                    "pressure",
+                    RegisterFunction::Holding,
+                    RegisterType::U16,
+                    0.1,
+                ),
+                reg("pump", RegisterFunction::Coil, RegisterType::Bool, 1.0),
+            ],
+        },
+        AdapterOptions::default(),
+        clock.clone(),
+        values.clone(),
+        dev_tx,
+    )
+    .unwrap();
+
+    let cfg = LoopConfig::Interlock {
+        name: "pump-guard".into(),
+        device: dev(),
+        sensor: "pressure".into(),
+        output: "pump".into(),
+        period_ms: 50,
+        fail_safe: FailSafe::Off,
+        default_limit: 10.0,
+    };
+    let (_params_tx, params_rx) = watch::channel(LoopParams::from_config(&cfg));
+    let (ev_tx, mut ev_rx) = mpsc::channel(1000);
+    let runner = spawn_loop(
+        &cfg,
+        params_rx,
+        values.clone(),
+        Arc::new(CoilActuator::new(device.handle(), "pump")),
+        clock.clone(),
+        ev_tx,
+        LoopOptions::default(),
+    )
+    .unwrap();
+
+    wait_for("pump started", 10, pump_on).await;
+    set_pressure(12.0);
+    wait_for("pump stopped by the interlock", 10, || !pump_on()).await;
+    set_pressure(9.0);
+    wait_for("pump released", 10, pump_on).await;
+
+    // The device goes away: the value goes stale, the loop fails safe
+    // (Off) and keeps ticking although its writes cannot be delivered.
+    server.abort();
+    let _ = server.await;
+    wait_for("loop in fail-safe", 10, || {
+        let s = runner.state();
+        s.fail_safe && !s.output
+    })
+    .await;
+    let ticks = runner.jitter().unwrap().count;
+    wait_for("loop still ticking", 10, || {
+        runner.jitter().unwrap().count >= ticks + 10
+    })
+    .await;
+
+    let jitter = runner.jitter().unwrap();
+    eprintln!("interlock on a real device, 50 ms period: {jitter:?}");
+    runner.stop().await;
+    device.stop().await;
+    drain.await.unwrap();
+
+    let mut reasons = Vec::new();
+    while let Ok(e) = ev_rx.try_recv() {
+        reasons.push(e.reason);
+    }
+    let has = |f: fn(&LoopReason) -> bool| reasons.iter().any(f);
+    assert!(
+        has(|r| matches!(r, LoopReason::Tripped { .. })),
+        "{reasons:?}"
+    );
+    assert!(
+        has(|r| matches!(r, LoopReason::Released { .. })),
+        "{reasons:?}"
+    );
+    assert!(
+        has(|r| matches!(r, LoopReason::SensorFault { .. })),
+        "{reasons:?}"
+    );
+}
