@@ -306,85 +306,138 @@ struct Head {
     hash: String,
 }
 
-/// Verify the log at `path` (and its head file) against the hub's public key. A missing
-/// log is an empty, valid log. `Err` only for IO failures; problems with the content are
-/// in [`VerifyReport::finding`].
+/// Verify the log at `path` (and its head file) against the hub's public key, checking
+/// every entry's signature. A missing log is an empty, valid log. `Err` only for IO
+/// failures; problems with the content are in [`VerifyReport::finding`].
 pub fn verify(path: &Path, hub: &VerifyingKey) -> Result<VerifyReport, AuditError> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let mut report = VerifyReport {
-                verified: 0,
-                last_hash: GENESIS_HASH,
-                verified_len: 0,
-                finding: None,
-            };
-            report.finding = check_head(path, &report, &[])?;
-            return Ok(report);
-        }
-        Err(e) => return Err(io_err(path, "open")(e)),
+    verify_inner(path, hub, SigCheck::Every)
+}
+
+/// How many signatures to check. Checking hashes and chain links of every entry plus the
+/// last entry's signature authenticates the whole log (each hash covers its predecessor),
+/// at a fraction of the cost; checking every signature pins down *which* entry is forged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SigCheck {
+    Every,
+    LastOnly,
+}
+
+/// The head file as read before the scan.
+enum HeadState {
+    Missing,
+    Malformed(String),
+    At { seq: u64, hash: Option<[u8; 32]> },
+}
+
+fn read_head(log: &Path) -> Result<HeadState, AuditError> {
+    let hp = head_path(log);
+    let bytes = match std::fs::read(&hp) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HeadState::Missing),
+        Err(e) => return Err(io_err(&hp, "read")(e)),
     };
-    let mut reader = BufReader::new(file);
+    Ok(match serde_json::from_slice::<Head>(&bytes) {
+        Ok(h) => HeadState::At {
+            seq: h.seq,
+            hash: unhex::<32>(&h.hash),
+        },
+        Err(e) => HeadState::Malformed(e.to_string()),
+    })
+}
+
+fn verify_inner(
+    path: &Path,
+    hub: &VerifyingKey,
+    sigs: SigCheck,
+) -> Result<VerifyReport, AuditError> {
+    let head = read_head(path)?;
     let mut report = VerifyReport {
         verified: 0,
         last_hash: GENESIS_HASH,
         verified_len: 0,
         finding: None,
     };
-    // Hashes by seq, to check the head file against.
-    let mut hashes: Vec<[u8; 32]> = Vec::new();
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        let n = (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .map_err(io_err(path, "read"))?;
-        if n == 0 {
-            break;
-        }
-        let seq = report.verified + 1;
-        let line = seq;
-        if buf.last() != Some(&b'\n') {
-            if n > MAX_LINE {
-                report.finding = Some(Finding::Malformed {
-                    seq,
-                    line,
-                    reason: format!("line longer than {MAX_LINE} bytes"),
-                });
-            } else {
-                report.finding = Some(Finding::TornTail {
-                    after_seq: report.verified,
-                    bytes: n as u64,
-                });
+    let file = match File::open(path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(path, "open")(e)),
+    };
+    // The log's hash at the head's seq, captured during the scan.
+    let mut hash_at_head: Option<[u8; 32]> = None;
+    // The last entry's signature, when only that one is checked.
+    let mut last_sig: Option<[u8; 64]> = None;
+    if let Some(file) = file {
+        let mut reader = BufReader::new(file);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            let n = (&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .map_err(io_err(path, "read"))?;
+            if n == 0 {
+                break;
             }
-            return Ok(report);
+            let seq = report.verified + 1;
+            let line = seq;
+            if buf.last() != Some(&b'\n') {
+                report.finding = Some(if n > MAX_LINE {
+                    Finding::Malformed {
+                        seq,
+                        line,
+                        reason: format!("line longer than {MAX_LINE} bytes"),
+                    }
+                } else {
+                    Finding::TornTail {
+                        after_seq: report.verified,
+                        bytes: n as u64,
+                    }
+                });
+                return Ok(report);
+            }
+            let check_sig = sigs == SigCheck::Every;
+            match check_line(&buf[..n - 1], seq, line, &report.last_hash, hub, check_sig) {
+                Ok((hash, sig)) => {
+                    report.verified = seq;
+                    report.last_hash = hash;
+                    report.verified_len += n as u64;
+                    last_sig = Some(sig);
+                    if matches!(head, HeadState::At { seq: hs, .. } if hs == seq) {
+                        hash_at_head = Some(hash);
+                    }
+                }
+                Err(f) => {
+                    report.finding = Some(f);
+                    return Ok(report);
+                }
+            }
         }
-        if let Err(f) = check_line(&buf[..n - 1], seq, line, &report.last_hash, hub) {
-            report.finding = Some(f);
-            return Ok(report);
-        }
-        // check_line verified the hash; decode it again cheaply.
-        let hash = serde_json::from_slice::<AuditEntry>(&buf[..n - 1])
-            .ok()
-            .and_then(|e| unhex::<32>(&e.hash))
-            .unwrap_or(GENESIS_HASH);
-        report.verified = seq;
-        report.last_hash = hash;
-        report.verified_len += n as u64;
-        hashes.push(hash);
     }
-    report.finding = check_head(path, &report, &hashes)?;
+    if sigs == SigCheck::LastOnly
+        && let Some(sig) = last_sig
+        && hub
+            .verify_strict(&sig_input(&report.last_hash), &Signature::from_bytes(&sig))
+            .is_err()
+    {
+        report.finding = Some(Finding::BadSignature {
+            seq: report.verified,
+            line: report.verified,
+        });
+        return Ok(report);
+    }
+    report.finding = check_head(path, &report, head, hash_at_head);
     Ok(report)
 }
 
+/// Check one whole line; returns its hash and signature.
 fn check_line(
     bytes: &[u8],
     seq: u64,
     line: u64,
     prev: &[u8; 32],
     hub: &VerifyingKey,
-) -> Result<(), Finding> {
+    check_sig: bool,
+) -> Result<([u8; 32], [u8; 64]), Finding> {
     let e: AuditEntry = serde_json::from_slice(bytes).map_err(|err| Finding::Malformed {
         seq,
         line,
@@ -418,58 +471,43 @@ fn check_line(
     if entry_hash(e.seq, e.time, &rec, &prev_hash) != hash {
         return Err(Finding::HashMismatch { seq, line });
     }
-    hub.verify_strict(&sig_input(&hash), &Signature::from_bytes(&sig))
-        .map_err(|_| Finding::BadSignature { seq, line })
+    if check_sig {
+        hub.verify_strict(&sig_input(&hash), &Signature::from_bytes(&sig))
+            .map_err(|_| Finding::BadSignature { seq, line })?;
+    }
+    Ok((hash, sig))
 }
 
 fn check_head(
     log: &Path,
     report: &VerifyReport,
-    hashes: &[[u8; 32]],
-) -> Result<Option<Finding>, AuditError> {
-    let hp = head_path(log);
-    let bytes = match std::fs::read(&hp) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            // A log with entries always has a head (written after the first append) unless
-            // the crash came between; a missing head with more than one entry is removal.
-            if report.verified > 1 {
-                return Ok(Some(Finding::HeadMalformed {
-                    path: hp,
-                    reason: format!(
-                        "missing, but the log has {} entries (deleted?)",
-                        report.verified
-                    ),
-                }));
-            }
-            return Ok(None);
-        }
-        Err(e) => return Err(io_err(&hp, "read")(e)),
-    };
-    let head: Head = match serde_json::from_slice(&bytes) {
-        Ok(h) => h,
-        Err(e) => {
-            return Ok(Some(Finding::HeadMalformed {
-                path: hp,
-                reason: e.to_string(),
-            }));
-        }
-    };
+    head: HeadState,
+    hash_at_head: Option<[u8; 32]>,
+) -> Option<Finding> {
     let last = report.verified;
-    if head.seq > last {
-        return Ok(Some(Finding::Truncated {
-            head_seq: head.seq,
+    match head {
+        // A log with entries always has a head (written after each append) unless a
+        // crash came between the first append and its head; more than one entry and
+        // no head means the head was removed.
+        HeadState::Missing if last > 1 => Some(Finding::HeadMalformed {
+            path: head_path(log),
+            reason: format!("missing, but the log has {last} entries (deleted?)"),
+        }),
+        HeadState::Missing => None,
+        HeadState::Malformed(reason) => Some(Finding::HeadMalformed {
+            path: head_path(log),
+            reason,
+        }),
+        HeadState::At { seq, .. } if seq > last => Some(Finding::Truncated {
+            head_seq: seq,
             last_seq: last,
             first_missing: last + 1,
-        }));
-    }
-    if head.seq == 0 {
-        return Ok(None);
-    }
-    let idx = (head.seq - 1) as usize;
-    match (hashes.get(idx), unhex::<32>(&head.hash)) {
-        (Some(h), Some(hh)) if *h == hh => Ok(None),
-        _ => Ok(Some(Finding::HeadMismatch { seq: head.seq })),
+        }),
+        HeadState::At { seq: 0, .. } => None,
+        HeadState::At { seq, hash } => match (hash, hash_at_head) {
+            (Some(h), Some(l)) if h == l => None,
+            _ => Some(Finding::HeadMismatch { seq }),
+        },
     }
 }
 
@@ -498,7 +536,9 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Open (or create) the log at `path` for appending with hub key `key`. Verifies the
-    /// whole log first; repairs a torn tail (see the module docs) and refuses anything else.
+    /// whole log first (every hash and link, and the last entry's signature, which with the
+    /// chain authenticates all earlier entries); repairs a torn tail (see the module docs)
+    /// and refuses anything else. For the exact first bad entry, use [`verify`].
     /// `now` timestamps the repair entry, if one is written.
     pub fn open(
         path: &Path,
@@ -520,7 +560,7 @@ impl AuditLog {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io_err(path, "lock")(e)),
         }
-        let report = verify(path, &key.verifying_key())?;
+        let report = verify_inner(path, &key.verifying_key(), SigCheck::LastOnly)?;
         let mut log = AuditLog {
             path: path.to_path_buf(),
             file,

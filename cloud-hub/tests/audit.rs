@@ -430,3 +430,44 @@ fn cli_audit_verify_exit_codes() {
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("ok: 5 entries"));
 }
+
+#[test]
+fn open_refuses_a_forged_last_entry_and_a_wrong_key() {
+    let (_d, path) = log_with(3);
+    let mut ls = lines(&path);
+    let prev = entry(&ls[2]);
+    let forger = SigningKey::from_bytes(&[9; 32]);
+    let r = rec(4);
+    let h = entry_hash(4, T0, &r, &unhex32(&prev.hash));
+    let mut msg = b"fieldsync audit entry v1\0".to_vec();
+    msg.extend_from_slice(&h);
+    let forged = AuditEntry {
+        seq: 4,
+        time: T0,
+        actor: r.actor,
+        action: r.action,
+        target: r.target,
+        reason: r.reason,
+        details: r.details,
+        prev_hash: prev.hash.clone(),
+        hash: hex(&h),
+        sig: hex(&forger.sign(&msg).to_bytes()),
+    };
+    ls.push(serde_json::to_string(&forged).unwrap());
+    write_lines(&path, &ls);
+    let err = AuditLog::open(&path, hub(), T0).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            AuditError::Tampered {
+                finding: Finding::BadSignature { seq: 4, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // An intact log opened with another hub's key is refused too.
+    let (_d2, path2) = log_with(2);
+    let err = AuditLog::open(&path2, forger, T0).unwrap_err();
+    assert!(matches!(&err, AuditError::Tampered { .. }), "{err:?}");
+}
