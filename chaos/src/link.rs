@@ -991,6 +991,82 @@ mod tests {
         );
     }
 
+    /// Over many seeds and random fault mixes: every datagram is accounted
+    /// for, none is delivered more than twice, none before its minimum delay,
+    /// and nothing is delivered while partitioned.
+    #[test]
+    fn seeded_schedules_conserve_datagrams() {
+        for seed in 0..200u64 {
+            let mut pick = StdRng::seed_from_u64(seed);
+            let faults = LinkFaults {
+                loss: pick.random_range(0.0..0.5),
+                delay: Duration::from_millis(pick.random_range(0..30)),
+                jitter: Duration::from_millis(pick.random_range(0..10)),
+                duplicate: pick.random_range(0.0..0.5),
+                reorder: pick.random_range(0.0..0.5),
+                reorder_gap: Duration::from_millis(pick.random_range(1..40)),
+                bandwidth: pick
+                    .random_bool(0.5)
+                    .then(|| pick.random_range(10_000..1_000_000)),
+                burst: pick.random_range(100..10_000),
+                queue_limit: Duration::from_millis(pick.random_range(1..200)),
+                partitioned: false,
+            };
+            let min_delay = faults.delay.saturating_sub(faults.jitter);
+            let mut s = Shaper::new(seed);
+            s.set_faults(faults);
+            let t0 = Instant::now();
+            let mut sent_at = Vec::new();
+            let mut delivered = vec![0u32; 300];
+            let mut now = t0;
+            let mut i = 0u32;
+            while now < t0 + Duration::from_secs(5) {
+                if i < 300 && pick.random_bool(0.5) {
+                    s.handle_datagram(now, &i.to_be_bytes());
+                    sent_at.push(now);
+                    i += 1;
+                }
+                if seed % 3 == 0 && i == 150 && !s.faults().partitioned {
+                    let mut f = s.faults().clone();
+                    f.partitioned = true;
+                    s.set_faults(f);
+                }
+                while let Some(d) = s.poll_transmit(now) {
+                    assert!(
+                        !s.faults().partitioned,
+                        "seed {seed}: delivered while partitioned"
+                    );
+                    let k = id(&d) as usize;
+                    delivered[k] += 1;
+                    assert!(
+                        now >= sent_at[k] + min_delay,
+                        "seed {seed}: datagram {k} too early"
+                    );
+                }
+                now += Duration::from_millis(1);
+            }
+            let c = s.counters();
+            assert_eq!(s.queued(), 0, "seed {seed}");
+            assert!(delivered.iter().all(|&n| n <= 2), "seed {seed}");
+            assert_eq!(
+                c.packets_in + c.duplicated,
+                c.forwarded + c.dropped_loss + c.dropped_queue + c.dropped_partition,
+                "seed {seed}: {c:?}"
+            );
+            assert_eq!(
+                delivered.iter().map(|&n| u64::from(n)).sum::<u64>(),
+                c.forwarded,
+                "seed {seed}"
+            );
+            if seed % 3 == 0 {
+                assert!(
+                    c.dropped_partition > 0,
+                    "seed {seed}: the partition dropped nothing"
+                );
+            }
+        }
+    }
+
     #[test]
     fn invalid_faults_are_refused() {
         let e = LinkFaults {

@@ -968,6 +968,82 @@ impl Scenario {
         dirs.iter().map(|d| (l.clone(), *d)).collect()
     }
 
+    /// What a runner must tell the relays, in order: after each link action,
+    /// the complete faults of every direction it changed. Link `a` is the
+    /// relay's A side, so `a-to-b` is [`crate::link::Direction::AToB`].
+    /// `heal` lifts partitions and keeps other faults; `clear-faults` resets
+    /// to a clean link; without `a`/`b` both apply to every link.
+    pub fn link_changes(&self) -> Vec<LinkChange> {
+        use crate::link::{Direction, LinkFaults};
+        let mut state: BTreeMap<(Link, bool), LinkFaults> = BTreeMap::new();
+        let mut out = Vec::new();
+        let dir_of = |d: &str| {
+            if d == "a-to-b" {
+                Direction::AToB
+            } else {
+                Direction::BToA
+            }
+        };
+        for ta in &self.timeline {
+            let targets: Vec<(Link, &'static str)> = match &ta.action {
+                Action::Partition { link }
+                | Action::Loss { link, .. }
+                | Action::Delay { link, .. }
+                | Action::Duplicate { link, .. }
+                | Action::Reorder { link, .. }
+                | Action::Bandwidth { link, .. } => self.directions(link),
+                Action::Heal { link } | Action::ClearFaults { link } => match link {
+                    Some((a, b)) => self.directions(&LinkRef {
+                        a: a.clone(),
+                        b: b.clone(),
+                        direction: DirSpec::Both,
+                    }),
+                    None => self
+                        .fleet
+                        .links()
+                        .into_iter()
+                        .flat_map(|l| [(l.clone(), "a-to-b"), (l, "b-to-a")])
+                        .collect(),
+                },
+                _ => continue,
+            };
+            for (l, d) in targets {
+                let key = (l.clone(), d == "a-to-b");
+                let before = state.get(&key).cloned().unwrap_or_default();
+                let mut f = before.clone();
+                match &ta.action {
+                    Action::Partition { .. } => f.partitioned = true,
+                    Action::Loss { probability, .. } => f.loss = *probability,
+                    Action::Delay { delay, jitter, .. } => {
+                        f.delay = *delay;
+                        f.jitter = *jitter;
+                    }
+                    Action::Duplicate { probability, .. } => f.duplicate = *probability,
+                    Action::Reorder {
+                        probability, gap, ..
+                    } => {
+                        f.reorder = *probability;
+                        f.reorder_gap = *gap;
+                    }
+                    Action::Bandwidth { bytes_per_sec, .. } => f.bandwidth = Some(*bytes_per_sec),
+                    Action::Heal { .. } => f.partitioned = false,
+                    Action::ClearFaults { .. } => f = LinkFaults::clean(),
+                    _ => {}
+                }
+                if f != before {
+                    state.insert(key, f.clone());
+                    out.push(LinkChange {
+                        at: ta.at,
+                        link: l,
+                        direction: dir_of(d),
+                        faults: f,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// Spans during which nodes were down (killed, not yet restarted).
     pub fn downtime(&self) -> Vec<NodeSpan> {
         let end = self.duration.as_millis() as i64;
@@ -1021,6 +1097,19 @@ fn close_span(
             to_ms: at,
         });
     }
+}
+
+/// The faults one direction of one relay must have from `at` on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkChange {
+    /// Offset from the start of the run.
+    pub at: Duration,
+    /// The link (its `a` is the relay's A side).
+    pub link: Link,
+    /// The direction.
+    pub direction: crate::link::Direction,
+    /// The complete faults of that direction.
+    pub faults: crate::link::LinkFaults,
 }
 
 /// A link fault in force over a span of the run.
@@ -1525,9 +1614,7 @@ pub type LoadedScenario = (PathBuf, Result<Scenario, ScenarioError>);
 
 /// Load every `*.toml` file of a directory, sorted by name. Returns each
 /// file with its result, so one bad file does not hide the others.
-pub fn load_dir(
-    dir: &Path,
-) -> Result<Vec<LoadedScenario>, ScenarioError> {
+pub fn load_dir(dir: &Path) -> Result<Vec<LoadedScenario>, ScenarioError> {
     let rd = std::fs::read_dir(dir).map_err(|source| ScenarioError::Read {
         file: dir.to_path_buf(),
         source,
@@ -1784,6 +1871,48 @@ node = "site-1/edge-2"
         assert_eq!(
             (spans[2].direction.as_str(), spans[2].to_ms),
             ("b-to-a", 60_000)
+        );
+        let ch = s.link_changes();
+        let got: Vec<(u128, String, crate::link::Direction, bool, f64)> = ch
+            .iter()
+            .map(|c| {
+                (
+                    c.at.as_millis(),
+                    c.link.to_string(),
+                    c.direction,
+                    c.faults.partitioned,
+                    c.faults.loss,
+                )
+            })
+            .collect();
+        use crate::link::Direction::{AToB, BToA};
+        assert_eq!(
+            got,
+            [
+                (
+                    5000,
+                    "site-1/edge-1 <-> hub-eu".to_string(),
+                    BToA,
+                    true,
+                    0.0
+                ),
+                (
+                    6000,
+                    "site-1/edge-1 <-> site-1/edge-2".into(),
+                    AToB,
+                    false,
+                    0.3
+                ),
+                (
+                    6000,
+                    "site-1/edge-1 <-> site-1/edge-2".into(),
+                    BToA,
+                    false,
+                    0.3
+                ),
+                // heal (all links) changes only the partitioned direction; the loss stays.
+                (20_000, "site-1/edge-1 <-> hub-eu".into(), BToA, false, 0.0),
+            ]
         );
         assert_eq!(
             s.downtime(),
