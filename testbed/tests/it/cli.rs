@@ -250,6 +250,16 @@ async fn registers_the_device_lacks_fail_naming_device_and_register() {
         stderr.contains("device pump-9") && stderr.contains("\"viscosity\""),
         "{stderr}"
     );
+    // A bad time scale is refused with the reason.
+    let ok_cfg = dir.path().join("ok.toml");
+    std::fs::write(
+        &ok_cfg,
+        toml::to_string(&edge_config(&testbed::maps::fleet(1, 0).unwrap())).unwrap(),
+    )
+    .unwrap();
+    let (ok, _, stderr) = run_to_end(&["devices", "--time-scale", "0", "--config"], &ok_cfg).await;
+    assert!(!ok);
+    assert!(stderr.contains("time scale 0 must be"), "{stderr}");
     // A missing file is named too.
     let missing = dir.path().join("nope.toml");
     let (ok, _, stderr) = run_to_end(&["devices", "--config"], &missing).await;
