@@ -296,38 +296,30 @@ impl RollupIndex {
         device_type: &dyn Fn(&DeviceKey) -> Option<String>,
     ) -> Vec<Series> {
         let width = q.level.window_ms();
-        // (group, metric) -> bucket start -> merged rollup. Folding happens in
-        // key order of `self.windows`, so float sums are bit-identical
-        // whatever order the rollups arrived in.
-        let mut acc: BTreeMap<(GroupKey, String), (Unit, BTreeMap<Timestamp, Rollup>)> =
-            BTreeMap::new();
-        for (key, r) in self.windows.iter().filter(|(k, _)| q.matches(k)) {
-            let group = match q.group_by {
-                GroupBy::Device => GroupKey {
-                    tenant: Some(key.device.tenant.clone()),
-                    site: Some(key.device.site.clone()),
-                    device: Some(key.device.device.clone()),
-                    device_type: None,
-                },
-                GroupBy::Site => GroupKey {
-                    tenant: Some(key.device.tenant.clone()),
-                    site: Some(key.device.site.clone()),
-                    device: None,
-                    device_type: None,
-                },
-                GroupBy::DeviceType => GroupKey {
-                    tenant: None,
-                    site: None,
-                    device: None,
-                    device_type: Some(
-                        device_type(&key.device).unwrap_or_else(|| "unknown".to_string()),
-                    ),
-                },
+        // One accumulator per (group, metric): bucket start -> merged rollup.
+        // Folding happens in key order of `self.windows`, so float sums are
+        // bit-identical whatever order the rollups arrived in. Windows come
+        // sorted by (device, metric, start), so the group is worked out once
+        // per run of one device's metric, not once per window.
+        let mut index: BTreeMap<(GroupKey, String), usize> = BTreeMap::new();
+        let mut series: Vec<(Unit, BTreeMap<Timestamp, Rollup>)> = Vec::new();
+        let mut current: Option<(&DeviceKey, &str, usize)> = None;
+        for (key, r) in self.scan(q) {
+            let slot = match current {
+                Some((d, m, i)) if d == &key.device && m == key.metric => i,
+                _ => {
+                    let group = self.group_of(q.group_by, &key.device, device_type);
+                    let next = series.len();
+                    let i = *index.entry((group, key.metric.clone())).or_insert(next);
+                    if i == next {
+                        series.push((r.unit, BTreeMap::new()));
+                    }
+                    current = Some((&key.device, key.metric.as_str(), i));
+                    i
+                }
             };
             let bucket = key.window_start.window_start(width);
-            let (_, buckets) = acc
-                .entry((group, key.metric.clone()))
-                .or_insert_with(|| (r.unit, BTreeMap::new()));
+            let buckets = &mut series[slot].1;
             match buckets.get_mut(&bucket) {
                 Some(b) => b.merge(r),
                 None => {
@@ -338,14 +330,76 @@ impl RollupIndex {
                 }
             }
         }
-        acc.into_iter()
-            .map(|((group, metric), (unit, buckets))| Series {
-                group,
-                metric,
-                unit,
-                points: buckets.values().map(Point::of).collect(),
+        index
+            .into_iter()
+            .map(|((group, metric), i)| {
+                let (unit, buckets) = std::mem::take(&mut series[i]);
+                Series {
+                    group,
+                    metric,
+                    unit,
+                    points: buckets.values().map(Point::of).collect(),
+                }
             })
             .collect()
+    }
+
+    /// Windows matching `q`, in key order; a range scan when `q` names one
+    /// device.
+    fn scan<'a>(
+        &'a self,
+        q: &'a TelemetryQuery,
+    ) -> Box<dyn Iterator<Item = (&'a RollupKey, &'a Rollup)> + 'a> {
+        match (&q.tenant, &q.site, &q.device) {
+            (Some(t), Some(s), Some(d)) => {
+                let device = DeviceKey {
+                    tenant: t.clone(),
+                    site: s.clone(),
+                    device: d.clone(),
+                };
+                let from = RollupKey {
+                    device: device.clone(),
+                    metric: String::new(),
+                    window_start: Timestamp(i64::MIN),
+                    window_ms: i64::MIN,
+                };
+                Box::new(
+                    self.windows
+                        .range(from..)
+                        .take_while(move |(k, _)| k.device == device)
+                        .filter(|(k, _)| q.matches(k)),
+                )
+            }
+            _ => Box::new(self.windows.iter().filter(|(k, _)| q.matches(k))),
+        }
+    }
+
+    fn group_of(
+        &self,
+        by: GroupBy,
+        key: &DeviceKey,
+        device_type: &dyn Fn(&DeviceKey) -> Option<String>,
+    ) -> GroupKey {
+        match by {
+            GroupBy::Device => GroupKey {
+                tenant: Some(key.tenant.clone()),
+                site: Some(key.site.clone()),
+                device: Some(key.device.clone()),
+                device_type: None,
+            },
+            GroupBy::Site => GroupKey {
+                tenant: Some(key.tenant.clone()),
+                site: Some(key.site.clone()),
+                device: None,
+                device_type: None,
+            },
+            GroupBy::DeviceType => GroupKey {
+                tenant: None,
+                site: None,
+                device: None,
+                device_type: Some(device_type(key).unwrap_or_else(|| "unknown".to_string())),
+            },
+        }
     }
 
     /// The `n` devices with the largest `stat` of `metric` over the windows
@@ -358,17 +412,16 @@ impl RollupIndex {
         stat: Stat,
         n: usize,
     ) -> Vec<DeviceStat> {
-        let mut per: BTreeMap<&DeviceKey, Rollup> = BTreeMap::new();
+        // Windows come sorted by device, so each device's windows are one run.
+        let mut per: Vec<(&DeviceKey, Rollup)> = Vec::new();
         let q = TelemetryQuery {
             metric: Some(metric.to_string()),
             ..q.clone()
         };
-        for (key, r) in self.windows.iter().filter(|(k, _)| q.matches(k)) {
-            match per.get_mut(&key.device) {
-                Some(acc) => acc.merge(r),
-                None => {
-                    per.insert(&key.device, r.clone());
-                }
+        for (key, r) in self.scan(&q) {
+            match per.last_mut() {
+                Some((d, acc)) if *d == &key.device => acc.merge(r),
+                _ => per.push((&key.device, r.clone())),
             }
         }
         let mut out: Vec<DeviceStat> = per

@@ -254,7 +254,63 @@ fn all_answers(idx: &RollupIndex) -> Vec<Vec<Series>> {
             ));
         }
     }
+    // One named device (the range-scan path) and one tenant.
+    let one = key("acme", "s1", "pump-1");
+    out.push(idx.query(
+        &TelemetryQuery {
+            tenant: Some(one.tenant.clone()),
+            site: Some(one.site.clone()),
+            device: Some(one.device.clone()),
+            level: Level::Hour,
+            ..Default::default()
+        },
+        &types,
+    ));
+    out.push(idx.query(
+        &TelemetryQuery {
+            tenant: Some(one.tenant),
+            metric: Some("temp".into()),
+            group_by: GroupBy::Site,
+            ..Default::default()
+        },
+        &types,
+    ));
     out
+}
+
+#[test]
+fn a_named_device_query_equals_the_filtered_fleet_query() {
+    let mut idx = RollupIndex::default();
+    let devs = [
+        key("acme", "s1", "a"),
+        key("acme", "s1", "b"),
+        key("acme", "s2", "a"),
+    ];
+    for (i, d) in devs.iter().enumerate() {
+        for m in 0..5 {
+            insert(&mut idx, d, roll(d, "temp", m, 1 + i as u64, m as f64));
+            insert(&mut idx, d, roll(d, "power", m, 2, 1.0));
+        }
+    }
+    let all = idx.query(&TelemetryQuery::default(), &types);
+    let one = idx.query(
+        &TelemetryQuery {
+            tenant: Some(devs[1].tenant.clone()),
+            site: Some(devs[1].site.clone()),
+            device: Some(devs[1].device.clone()),
+            ..Default::default()
+        },
+        &types,
+    );
+    let expect: Vec<Series> = all
+        .into_iter()
+        .filter(|s| {
+            s.group.site == Some(devs[1].site.clone())
+                && s.group.device == Some(devs[1].device.clone())
+        })
+        .collect();
+    assert_eq!(one.len(), 2);
+    assert_eq!(one, expect);
 }
 
 proptest! {
