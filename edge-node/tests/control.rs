@@ -702,6 +702,10 @@ async fn interlock_drives_a_real_modbus_pump_and_fails_safe_when_it_goes_away() 
     wait_for("pump stopped by the interlock", 10, || !pump_on()).await;
     set_pressure(9.0);
     wait_for("pump released", 10, pump_on).await;
+    // The device restarts and forgets its coil: the loop reads it back and
+    // writes it again.
+    plant.coils.lock().unwrap().insert(0, false);
+    wait_for("pump re-asserted after read-back", 10, pump_on).await;
 
     // The device goes away: the value goes stale, the loop fails safe
     // (Off) and keeps ticking although its writes cannot be delivered.

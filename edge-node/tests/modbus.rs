@@ -547,6 +547,18 @@ async fn bad_devices_are_marked_and_never_stall_a_healthy_one() {
     );
     assert_eq!(log.statuses("healthy"), vec![HealthStatus::Ok]);
 
+    // Stopping never waits for a silent device's timeout.
+    let mut devs = devs.into_iter();
+    let first = devs.next().unwrap();
+    let silent_dev = devs.next().unwrap();
+    let t_stop = Instant::now();
+    silent_dev.stop().await;
+    assert!(
+        t_stop.elapsed() < Duration::from_millis(silent_timeout_ms / 2),
+        "stop took {:?}",
+        t_stop.elapsed()
+    );
+    first.stop().await;
     for d in devs {
         d.stop().await;
     }

@@ -3,7 +3,9 @@
 //! Each tick: record how late it ran (jitter), pick up new parameters from
 //! the `watch`, read the sensor from [`LatestValues`], step the pure
 //! [`ControlLoop`], queue the output with a non-blocking [`Actuator`]. Nothing
-//! in a tick awaits the network or a device.
+//! in a tick awaits the network or a device. A failed write is retried on
+//! the next tick; if the device polls the output coil and reads back a
+//! different value than the one confirmed, the output is written again.
 //!
 //! Missed ticks are skipped (`MissedTickBehavior::Skip`): after a stall the
 //! loop runs once, on the original grid. Bursting would run several steps
@@ -137,19 +139,21 @@ pub fn spawn_loop(
     events: mpsc::Sender<LoopEvent>,
     opts: LoopOptions,
 ) -> Result<LoopRunner, ParamError> {
-    let (device, sensor, period_ms) = match cfg {
+    let (device, sensor, output, period_ms) = match cfg {
         LoopConfig::Thermostat {
             device,
             sensor,
+            output,
             period_ms,
             ..
         }
         | LoopConfig::Interlock {
             device,
             sensor,
+            output,
             period_ms,
             ..
-        } => (device.clone(), sensor.clone(), *period_ms),
+        } => (device.clone(), sensor.clone(), output.clone(), *period_ms),
     };
     let period = Duration::from_millis(period_ms.max(1));
     let stale_after = period * opts.stale_periods.max(1);
@@ -171,6 +175,7 @@ pub fn spawn_loop(
         period,
         device,
         sensor,
+        output,
         params_rx: params,
         params: initial,
         values,
@@ -198,6 +203,8 @@ struct LoopTask {
     period: Duration,
     device: DeviceId,
     sensor: String,
+    /// The output coil's name, for read-back.
+    output: String,
     params_rx: watch::Receiver<LoopParams>,
     params: LoopParams,
     values: LatestValues,
@@ -216,6 +223,7 @@ impl LoopTask {
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         // The output the device confirmed, and a write in flight.
         let mut confirmed: Option<bool> = None;
+        let mut confirmed_at: Option<std::time::Instant> = None;
         let mut pending: Option<(bool, WriteReply)> = None;
         let mut write_failing = false;
         let name = self.ctl.name().to_string();
@@ -248,6 +256,7 @@ impl LoopTask {
                 match rx.try_recv() {
                     Ok(Ok(())) => {
                         confirmed = Some(*value);
+                        confirmed_at = Some(self.clock.monotonic());
                         pending = None;
                         if write_failing {
                             tracing::info!(loop_name = %name, "loop output write works again");
@@ -268,6 +277,21 @@ impl LoopTask {
                         pending = None;
                     }
                 }
+            }
+
+            // Read-back: if the device polls the output coil and a value
+            // read after our write was confirmed disagrees (the device
+            // restarted, someone switched it by hand), write it again. The
+            // device task serialises polls and writes, so such a value was
+            // read after the write took effect.
+            if let (Some(c), Some(at)) = (confirmed, confirmed_at)
+                && let Some(rb) = self.values.get(&self.device, &self.output)
+                && rb.received > at
+                && (rb.reading.value != 0.0) != c
+            {
+                tracing::warn!(loop_name = %name, expected = c, "loop output read back different; writing it again");
+                confirmed = None;
+                confirmed_at = None;
             }
 
             let now = self.clock.monotonic();

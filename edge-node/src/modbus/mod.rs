@@ -522,7 +522,14 @@ impl DeviceTask {
             let error = match connected {
                 Ok(Ok(ctx)) => {
                     tracing::debug!(device = %self.device, addr = %self.addr, "connected");
-                    match self.session(ctx, &mut next_due).await {
+                    // Shutdown also interrupts a request in flight, so
+                    // stop() never waits for a silent device's timeout.
+                    let mut shutdown = self.shutdown.clone();
+                    let end = tokio::select! {
+                        end = self.session(ctx, &mut next_due) => end,
+                        _ = shutdown.changed() => SessionEnd::Shutdown,
+                    };
+                    match end {
                         SessionEnd::Shutdown => return,
                         SessionEnd::Transport(e) => e,
                     }
