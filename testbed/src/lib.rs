@@ -9,6 +9,8 @@
 //!   with faults applied, sans-IO.
 //! - [`server`]: the Modbus TCP server of one device (tokio-modbus).
 //! - [`clock`]: the simulated clock that advances devices at a time scale.
+//! - [`fleet`]: start the devices of an edge config, inject faults by
+//!   control line.
 //!
 //! ```
 //! use std::time::Duration;

@@ -18,9 +18,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 ///
 ///   testbed example-config --devices 3 > edge.toml
 ///
-///   testbed devices --config edge.toml --time-scale 60
+///   testbed devices --config edge.toml --time-scale 10
 ///
-/// then point an edge node at the same edge.toml.
+/// then point an edge node at the same edge.toml. The edge's loops and
+/// alarm delays run on real time: above a time scale of about 10 the
+/// example's minimum on/off times become long in simulated time.
 #[derive(Debug, Parser)]
 #[command(name = "testbed", version, verbatim_doc_comment)]
 struct Cli {

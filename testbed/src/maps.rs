@@ -137,6 +137,10 @@ pub fn device_config(kind: DeviceKind, id: DeviceId, addr: SocketAddr) -> Device
 /// Control loops that suit a simulated device: a thermostat on a cold room's
 /// compressor (+4 C, fail-safe on: keep cooling), a high-pressure interlock
 /// on a pump (fail-safe off). Meters have none.
+///
+/// Loop periods and minimum on/off times are real time on the edge while
+/// the devices may run faster: 30 s minimum on is 5 simulated minutes at a
+/// time scale of 10, but 30 at 60 (the room then undercools).
 pub fn suggested_loops(kind: DeviceKind, id: &DeviceId) -> Vec<LoopConfig> {
     match kind {
         DeviceKind::ColdRoom => vec![LoopConfig::Thermostat {
@@ -148,8 +152,8 @@ pub fn suggested_loops(kind: DeviceKind, id: &DeviceId) -> Vec<LoopConfig> {
             fail_safe: FailSafe::On,
             default_setpoint: 4.0,
             default_hysteresis: 2.0,
-            min_on_s: 60,
-            min_off_s: 120,
+            min_on_s: 30,
+            min_off_s: 60,
         }],
         DeviceKind::Pump => vec![LoopConfig::Interlock {
             name: format!("{id}-overpressure"),
@@ -338,5 +342,57 @@ mod tests {
         assert_eq!(cfg.devices.len(), 5);
         assert_eq!(cfg.loops.len(), 4);
         assert_eq!(cfg, edge_config(&devs));
+    }
+
+    /// The suggested thermostat, run as the edge would (on above setpoint +
+    /// hysteresis/2, off below setpoint - hysteresis/2, minimum on/off
+    /// times) against devices at a time scale of 10, keeps the room clear of
+    /// the suggested alarm thresholds for a simulated day.
+    #[test]
+    fn suggested_thermostat_at_10x_stays_clear_of_suggested_alarms() {
+        use crate::physics::{ColdRoom, Model};
+        let id = DeviceId::new("cold-room-1").unwrap();
+        let Some(LoopConfig::Thermostat {
+            period_ms,
+            default_setpoint: sp,
+            default_hysteresis: h,
+            min_on_s,
+            min_off_s,
+            ..
+        }) = suggested_loops(DeviceKind::ColdRoom, &id)
+            .into_iter()
+            .next()
+        else {
+            panic!("a cold room gets a thermostat");
+        };
+        let alarms = suggested_alarms(DeviceKind::ColdRoom, &id);
+        let limit = |c: Condition| alarms.iter().find(|a| a.condition == c).unwrap().threshold;
+        let (too_warm, too_cold) = (limit(Condition::Above), limit(Condition::Below));
+        let scale = 10.0;
+        let period = period_ms as f64 / 1000.0 * scale;
+        for seed in 0..10 {
+            let mut room = ColdRoom::new(seed, 0.0);
+            let (mut on, mut since) = (false, f64::MAX);
+            let (mut lo, mut hi) = (f64::MAX, f64::MIN);
+            for _ in 0..((86_400.0 / period) as usize) {
+                let t = room.signal("temperature").unwrap();
+                if !on && t > sp + h / 2.0 && since >= min_off_s as f64 * scale {
+                    on = true;
+                    since = 0.0;
+                } else if on && t < sp - h / 2.0 && since >= min_on_s as f64 * scale {
+                    on = false;
+                    since = 0.0;
+                }
+                room.set("compressor", f64::from(u8::from(on))).unwrap();
+                room.step(period);
+                since += period;
+                lo = lo.min(room.air_c);
+                hi = hi.max(room.air_c);
+            }
+            assert!(
+                lo > too_cold && hi < too_warm,
+                "seed {seed}: {lo:.1}..{hi:.1} C crosses the alarms {too_cold}..{too_warm}"
+            );
+        }
     }
 }

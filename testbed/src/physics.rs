@@ -555,7 +555,7 @@ mod tests {
     /// 30 s) holds the room in a band for a whole simulated day.
     #[test]
     fn cold_room_with_bang_bang_stays_in_band_for_a_day() {
-        for seed in 0..5 {
+        for seed in 0..20 {
             let mut room = ColdRoom::new(seed, 0.0);
             let (mut lo, mut hi) = (f64::MAX, f64::MIN);
             let mut door_seen = false;

@@ -182,6 +182,11 @@ impl DeviceServer {
         })
     }
 
+    /// Serve `device` on a free loopback port (`127.0.0.1:0`).
+    pub async fn start_local(device: DeviceHandle) -> Result<DeviceServer, ServerError> {
+        Self::start(device, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
     /// The address actually bound.
     pub fn addr(&self) -> SocketAddr {
         self.addr

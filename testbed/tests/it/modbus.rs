@@ -13,8 +13,6 @@ use testbed::server::DeviceServer;
 use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::prelude::{ExceptionCode, Slave};
 
-const LOOPBACK: &str = "127.0.0.1:0";
-
 /// Bound every network step so a broken server fails the test instead of
 /// hanging it.
 async fn bounded<T>(f: impl Future<Output = T>) -> T {
@@ -25,9 +23,7 @@ async fn bounded<T>(f: impl Future<Output = T>) -> T {
 
 async fn start(kind: DeviceKind, seed: u64) -> (DeviceHandle, DeviceServer) {
     let dev = DeviceHandle::simulated(kind, seed, 8.0 * 3600.0);
-    let server = DeviceServer::start(dev.clone(), LOOPBACK.parse().unwrap())
-        .await
-        .unwrap();
+    let server = DeviceServer::start_local(dev.clone()).await.unwrap();
     assert!(server.addr().ip().is_loopback());
     assert_ne!(server.addr().port(), 0);
     (dev, server)
