@@ -22,6 +22,8 @@ use schemas::ids::DeviceId;
 use schemas::time::Timestamp;
 use schemas::version::SchemaVersion;
 
+use crate::modbus::DeviceEvent;
+
 /// Name of the built-in rule for unreachable devices.
 pub const UNREACHABLE_RULE: &str = "device-unreachable";
 /// Metric name the built-in unreachable rule reports.
@@ -332,6 +334,14 @@ impl AlarmEngine {
             .collect()
     }
 
+    /// Feed one event of a device adapter (a sample or a health change).
+    pub fn observe_event(&mut self, event: &DeviceEvent, now: Timestamp) -> Vec<AlarmTransition> {
+        match event {
+            DeviceEvent::Sample(s) => self.observe(&s.device, &s.metric, s.value, now),
+            DeviceEvent::Health { device, health } => self.observe_health(device, health, now),
+        }
+    }
+
     /// Raise alarms whose delay has run out without a new value.
     pub fn tick(&mut self, now: Timestamp) -> Vec<AlarmTransition> {
         let mut out = Vec::new();
@@ -571,6 +581,38 @@ mod tests {
         h.status = HealthStatus::Unreachable;
         assert!(off.observe_health(&d, &h, t(0)).is_empty());
         assert!(off.tick(t(1_000)).is_empty());
+    }
+
+    #[test]
+    fn adapter_events_feed_the_engine() {
+        use schemas::metrics::{Sample, Unit};
+        let mut e = AlarmEngine::new(
+            vec![rule(Condition::Above, 8.0, 0.0, 0)],
+            Some(UnreachableRule {
+                delay_ms: 0,
+                severity: Severity::Critical,
+            }),
+        )
+        .unwrap();
+        let sample = DeviceEvent::Sample(Sample {
+            schema_version: SchemaVersion::default(),
+            device: dev("room"),
+            metric: "temp".into(),
+            ts: t(0),
+            value: 9.0,
+            unit: Unit::Celsius,
+        });
+        assert_eq!(kinds(&e.observe_event(&sample, t(0))), ["raised"]);
+        let health = DeviceEvent::Health {
+            device: dev("room"),
+            health: DeviceHealth {
+                status: HealthStatus::Unreachable,
+                ..DeviceHealth::default()
+            },
+        };
+        let r = e.observe_event(&health, t(1));
+        assert_eq!(r[0].alarm().rule, UNREACHABLE_RULE);
+        assert_eq!(e.active().len(), 2);
     }
 
     #[test]

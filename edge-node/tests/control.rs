@@ -239,6 +239,44 @@ fn interlock_trips_above_the_limit_and_releases_below_the_margin() {
 }
 
 #[test]
+fn device_document_fields_override_the_config_defaults() {
+    use schemas::device::FieldValue;
+    use std::collections::BTreeMap;
+    let base = LoopParams::from_config(&thermostat(FailSafe::Off, 0, 0));
+    let mut f = BTreeMap::new();
+    f.insert("setpoint".to_string(), FieldValue::Number(-18.0));
+    f.insert("min_on_s".to_string(), FieldValue::Number(90.0));
+    f.insert("label".to_string(), FieldValue::Text("freezer".into()));
+    assert_eq!(
+        base.with_fields("room", &f).unwrap(),
+        LoopParams::Thermostat {
+            setpoint: -18.0,
+            hysteresis: 2.0,
+            min_on: Duration::from_secs(90),
+            min_off: Duration::ZERO,
+        }
+    );
+    f.insert("hysteresis".to_string(), FieldValue::Text("wide".into()));
+    let e = base.with_fields("room", &f).unwrap_err();
+    assert!(e.to_string().contains("hysteresis"), "{e}");
+    f.insert("hysteresis".to_string(), FieldValue::Number(1.0));
+    f.insert("min_off_s".to_string(), FieldValue::Number(-5.0));
+    let e = base.with_fields("room", &f).unwrap_err();
+    assert!(e.to_string().contains("min_off_s"), "{e}");
+
+    let guard = LoopParams::from_config(&interlock(FailSafe::Off));
+    let mut f = BTreeMap::new();
+    f.insert("high_limit".to_string(), FieldValue::Number(6.0));
+    assert_eq!(
+        guard.with_fields("pump-guard", &f).unwrap(),
+        LoopParams::Interlock {
+            limit: 6.0,
+            margin: 0.12
+        }
+    );
+}
+
+#[test]
 fn parameters_of_the_wrong_kind_or_invalid_are_refused() {
     let ctl = ControlLoop::new(&thermostat(FailSafe::Off, 0, 0), Duration::from_secs(3));
     let e = ctl

@@ -12,10 +12,12 @@
 mod jitter;
 mod runner;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use schemas::config::{FailSafe, LoopConfig};
+use schemas::device::FieldValue;
 use schemas::time::Timestamp;
 use serde::Serialize;
 
@@ -88,6 +90,68 @@ impl LoopParams {
                 margin: default_margin(*default_limit),
             },
         }
+    }
+
+    /// These parameters with the device document's effective desired
+    /// fields applied (values already resolved by their merge policy):
+    /// `setpoint`, `hysteresis`, `min_on_s`, `min_off_s` for a thermostat,
+    /// `high_limit` for an interlock. Other fields are ignored; a field of
+    /// the wrong type or an unusable number is refused, naming the field.
+    pub fn with_fields(
+        &self,
+        loop_name: &str,
+        fields: &BTreeMap<String, FieldValue>,
+    ) -> Result<LoopParams, ParamError> {
+        let num = |field: &'static str| -> Result<Option<f64>, ParamError> {
+            match fields.get(field) {
+                None => Ok(None),
+                Some(FieldValue::Number(n)) => Ok(Some(*n)),
+                Some(_) => Err(ParamError::Invalid {
+                    loop_name: loop_name.to_string(),
+                    field,
+                    value: f64::NAN,
+                    reason: "is not a number",
+                }),
+            }
+        };
+        let secs = |field: &'static str, v: f64| -> Result<Duration, ParamError> {
+            Duration::try_from_secs_f64(v).map_err(|_| ParamError::Invalid {
+                loop_name: loop_name.to_string(),
+                field,
+                value: v,
+                reason: "must be a finite number of seconds >= 0",
+            })
+        };
+        let mut p = self.clone();
+        match &mut p {
+            LoopParams::Thermostat {
+                setpoint,
+                hysteresis,
+                min_on,
+                min_off,
+            } => {
+                if let Some(v) = num("setpoint")? {
+                    *setpoint = v;
+                }
+                if let Some(v) = num("hysteresis")? {
+                    *hysteresis = v;
+                }
+                if let Some(v) = num("min_on_s")? {
+                    *min_on = secs("min_on_s", v)?;
+                }
+                if let Some(v) = num("min_off_s")? {
+                    *min_off = secs("min_off_s", v)?;
+                }
+            }
+            LoopParams::Interlock { limit, margin } => {
+                if let Some(v) = num("high_limit")? {
+                    *limit = v;
+                    *margin = default_margin(v);
+                }
+            }
+        }
+        p.validate(loop_name)?;
+        Ok(p)
     }
 
     fn kind(&self) -> &'static str {
