@@ -1062,3 +1062,61 @@ async fn overlapping_active_rollouts_are_refused() {
     let (s, _) = post(&f.app, "/api/v1/rollouts", &f.admin, body("setpoint")).await;
     assert_eq!(s, StatusCode::CREATED, "after abort the field is free");
 }
+
+#[tokio::test]
+async fn the_rollout_driver_task_completes_a_gate_and_stops_on_shutdown() {
+    let f = fx();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let driver = tokio::spawn(api::run_rollout_driver(
+        f.state.clone(),
+        Duration::from_millis(5),
+        rx,
+    ));
+    let (s, r) = post(
+        &f.app,
+        "/api/v1/rollouts",
+        &f.admin,
+        json!({"selector": {"tenant": "beta"}, "changes": {"mode": "eco"},
+               "gate_ms": 10000, "reason": "save energy"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let id = r["spec"]["id"].as_str().unwrap().to_string();
+    let ok = ReportedState {
+        health: schemas::device::DeviceHealth {
+            status: HealthStatus::Ok,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for d in ["pump-1", "room-1"] {
+        f.fleet
+            .report(&dk("beta", "s1", d), ok.clone(), Timestamp(T0 + 1));
+    }
+    f.clock.advance(10_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, v) = get(&f.app, &format!("/api/v1/rollouts/{id}"), &f.admin).await;
+        if v["state"]["state"] == "completed" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "driver did not complete the rollout: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        f.fleet
+            .device(&dk("beta", "s1", "pump-1"))
+            .unwrap()
+            .desired
+            .fields["mode"],
+        FieldValue::Text("eco".into())
+    );
+    tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("driver stops on shutdown")
+        .unwrap();
+}

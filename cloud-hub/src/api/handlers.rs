@@ -1078,3 +1078,28 @@ pub(crate) async fn events(
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new()))
 }
+
+/// Call [`drive_rollouts`] every `period` until `shutdown` becomes true or
+/// its sender is dropped. A failed step is logged and retried next period.
+pub async fn run_rollout_driver(
+    st: ApiState,
+    period: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = drive_rollouts(&st).await {
+                    tracing::warn!(code = e.code, message = %e.message, "rollout driver step failed");
+                }
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+}

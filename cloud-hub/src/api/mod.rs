@@ -38,7 +38,7 @@ use tokio::sync::broadcast;
 pub use auth::{Caller, RateLimit, RateLimiter, Scope, TokenStore};
 pub use data::{FleetData, MemoryFleet};
 pub use error::ApiError;
-pub use handlers::drive_rollouts;
+pub use handlers::{drive_rollouts, run_rollout_driver};
 
 /// The OpenAPI 3 document of this API (written by hand; a test checks it
 /// against the router).
