@@ -42,7 +42,9 @@
 //!   `flushed_before` are classified against the same watermark as before
 //!   the crash (the watermark only moves at flushes, and the checkpoint of a
 //!   flush must be persisted before the next flush is taken; the state
-//!   machine enforces this with [`Summariser::handle_flushed`]).
+//!   machine enforces this with [`Summariser::handle_flushed`]). No flush
+//!   is taken while the replay is below `flushed_before`
+//!   ([`Summariser::replaying`]), and `flushed_before` never goes back.
 //! - Late samples (timestamps out of order relative to seq) are fine: the
 //!   window is chosen by sample timestamp, whatever the seq.
 //! - The raw zone must keep every seq `>= replay_from`: pass it as
@@ -572,7 +574,7 @@ impl Summariser {
     /// previous flush is not yet acknowledged with
     /// [`Summariser::handle_flushed`].
     pub fn poll_flush(&mut self, now: Timestamp) -> Option<Flush> {
-        if self.awaiting_ack {
+        if self.awaiting_ack || self.replaying() {
             return None;
         }
         let w = self.cfg.window_ms;
@@ -604,13 +606,20 @@ impl Summariser {
     /// Write everything dirty now, whatever the time (e.g. at shutdown).
     /// `None` if nothing is dirty or a flush awaits its acknowledgement.
     pub fn force_flush(&mut self, now: Timestamp) -> Option<Flush> {
-        if self.awaiting_ack {
+        if self.awaiting_ack || self.replaying() {
             return None;
         }
         if self.dirty.is_empty() && self.late.is_empty() {
             return None;
         }
         self.flush(now)
+    }
+
+    /// Still replaying samples that were already flushed before a restart:
+    /// no flush may be taken until the replay has caught up, or the
+    /// checkpoint would claim less than what is already written.
+    pub fn replaying(&self) -> bool {
+        self.next_seq < self.ck.flushed_before
     }
 
     fn flush(&mut self, now: Timestamp) -> Option<Flush> {
@@ -672,7 +681,7 @@ impl Summariser {
                 }
             }
         }
-        self.ck.flushed_before = self.next_seq;
+        self.ck.flushed_before = self.ck.flushed_before.max(self.next_seq);
         self.ck.replay_from = replay_from;
         self.unsynced_since_flush = false;
         self.last_flush = Some(now);
@@ -757,6 +766,25 @@ mod tests {
         let f = sm.poll_flush(Timestamp(10_000)).unwrap();
         assert!(f.writes[0].rollup.clock_unsynced);
         assert_eq!(f.writes[0].key.day(), None);
+    }
+
+    #[test]
+    fn no_flush_until_replay_caught_up() {
+        let mut sm = Summariser::new(SummariserConfig::default()).unwrap();
+        for i in 0..3 {
+            sm.handle_sample(i, &s(T0 + i as i64, 1.0)).unwrap();
+        }
+        let ck = sm.poll_flush(Timestamp(T0 + 120_000)).unwrap().checkpoint;
+        assert_eq!((ck.flushed_before, ck.replay_from), (3, 0));
+        let mut sm = Summariser::resume(SummariserConfig::default(), ck).unwrap();
+        sm.handle_sample(0, &s(T0, 1.0)).unwrap();
+        sm.handle_sample(1, &s(T0 + 1, 1.0)).unwrap();
+        assert!(sm.replaying());
+        assert!(sm.force_flush(Timestamp(T0 + 200_000)).is_none());
+        sm.handle_sample(2, &s(T0 + 2, 1.0)).unwrap();
+        sm.handle_sample(3, &s(T0 + 3, 1.0)).unwrap();
+        let f = sm.force_flush(Timestamp(T0 + 200_000)).unwrap();
+        assert_eq!(f.writes[0].rollup.count, 4);
     }
 
     #[test]
