@@ -47,6 +47,8 @@ struct Sim {
     bank: Arc<Mutex<Bank>>,
     mode: Arc<AtomicU8>,
     requests: Arc<AtomicUsize>,
+    /// Every request received, in order.
+    seen: Arc<Mutex<Vec<Request<'static>>>>,
 }
 
 fn read<T: Copy>(m: &HashMap<u16, T>, a: u16, n: u16) -> Result<Vec<T>, ExceptionCode> {
@@ -102,6 +104,7 @@ impl tokio_modbus::server::Service for Sim {
 
     fn call(&self, req: Self::Request) -> Self::Future {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.seen.lock().unwrap().push(req.clone());
         match self.mode.load(Ordering::Relaxed) {
             SILENT => Box::pin(std::future::pending()),
             EXCEPTION => Box::pin(std::future::ready(Err(ExceptionCode::ServerDeviceFailure))),
@@ -365,6 +368,38 @@ async fn decodes_every_register_type_and_word_and_byte_order_over_the_wire() {
     }
     assert_eq!(dev.handle().health().status, HealthStatus::Ok);
     assert!(log.statuses("wire").contains(&HealthStatus::Ok));
+    // Contiguous holding registers 0..15 are read in one request; the gap
+    // at 15..20 is never read; each table and unit gets its own request.
+    let seen = sim.seen.lock().unwrap().clone();
+    assert!(
+        seen.contains(&Request::ReadHoldingRegisters(0, 15)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&Request::ReadHoldingRegisters(20, 1)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&Request::ReadInputRegisters(0, 1)),
+        "{seen:?}"
+    );
+    assert!(seen.contains(&Request::ReadCoils(0, 1)), "{seen:?}");
+    assert!(
+        seen.contains(&Request::ReadDiscreteInputs(3, 1)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().all(|r| matches!(
+            r,
+            Request::ReadHoldingRegisters(0, 15)
+                | Request::ReadHoldingRegisters(20, 1)
+                | Request::ReadHoldingRegisters(100, 1)
+                | Request::ReadInputRegisters(0, 1)
+                | Request::ReadCoils(0, 1)
+                | Request::ReadDiscreteInputs(3, 1)
+        )),
+        "unexpected request in {seen:?}"
+    );
     dev.stop().await;
     drop(tx);
     log_task.await.unwrap();
