@@ -304,6 +304,16 @@ pub fn render_svg(r: &Report) -> String {
                 f.from_ms,
                 f.to_ms
             );
+            if x1 - x0 > 7.0 * f.label.chars().count() as f64 && h >= 9.0 {
+                let _ = writeln!(
+                    body,
+                    r#"<text x="{:.1}" y="{:.1}" font-size="{:.0}" fill="white">{}</text>"#,
+                    x0 + 3.0,
+                    y + 1.0 + h * (i as f64 + 1.0) - 1.5,
+                    (h - 1.0).min(11.0),
+                    esc(&f.label)
+                );
+            }
         }
         y += ROW;
     }
@@ -315,7 +325,11 @@ pub fn render_svg(r: &Report) -> String {
         );
         y += ROW;
     }
-    section(&mut body, &mut y, "connectivity");
+    section(
+        &mut body,
+        &mut y,
+        "connectivity (green up, orange one-way, red down)",
+    );
     let links: BTreeSet<String> = r.connectivity.iter().map(|c| c.link.to_string()).collect();
     for l in &links {
         let _ = writeln!(
@@ -376,12 +390,13 @@ pub fn render_svg(r: &Report) -> String {
         y += ROW;
     }
     let chart_bottom = y;
-    // Time axis.
+    // Time axis, drawn under everything else.
+    let mut axis = String::new();
     let step = nice_step(r.end_ms);
     let mut t = 0;
     while t <= r.end_ms {
         let _ = writeln!(
-            body,
+            axis,
             r##"<line x1="{0:.1}" y1="30" x2="{0:.1}" y2="{chart_bottom:.0}" stroke="#ddd"/><text x="{0:.1}" y="24" font-size="10" text-anchor="middle">{1}s</text>"##,
             x(t),
             t as f64 / 1000.0
@@ -438,9 +453,27 @@ pub fn render_svg(r: &Report) -> String {
         }
     }
     let height = y + 20.0;
+    let mut legend = String::new();
+    let mut lx = LEFT;
+    for kind in [
+        "partition",
+        "loss",
+        "delay",
+        "duplicate",
+        "reorder",
+        "bandwidth",
+    ] {
+        let _ = writeln!(
+            legend,
+            r#"<rect x="{lx:.0}" y="36" width="10" height="10" fill="{}"/><text x="{:.0}" y="45" font-size="10">{kind}</text>"#,
+            fault_colour(kind),
+            lx + 13.0
+        );
+        lx += 85.0;
+    }
     let total_w = LEFT + WIDTH + 40.0;
     format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{total_w:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {total_w:.0} {height:.0}\" font-family=\"sans-serif\">\n<title>chaos run {}: {}</title>\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-size=\"14\" font-weight=\"bold\">{} (seed {})</text>\n{body}</svg>\n",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{total_w:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {total_w:.0} {height:.0}\" font-family=\"sans-serif\">\n<title>chaos run {}: {}</title>\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-size=\"14\" font-weight=\"bold\">{} (seed {})</text>\n{axis}{legend}{body}</svg>\n",
         esc(&r.scenario),
         r.overall.as_str(),
         esc(&r.scenario),
