@@ -393,9 +393,16 @@ async fn missing_or_bad_tokens_are_401() {
         ("/api/v1/health", Some("Bearer")),
     ] {
         let headers: Vec<(&str, &str)> = hdr.map(|h| ("authorization", h)).into_iter().collect();
-        let (s, _, v) = call(&f.app, Method::GET, uri, None, None, &headers).await;
+        let (s, h, v) = call(&f.app, Method::GET, uri, None, None, &headers).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}");
         assert_error(&v, "unauthorized");
+        assert!(
+            h.get("www-authenticate")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer")
+        );
     }
     // A revoked token stops working.
     assert!(f.state.tokens.revoke(&f.analyst));
@@ -1119,4 +1126,40 @@ async fn the_rollout_driver_task_completes_a_gate_and_stops_on_shutdown() {
         .await
         .expect("driver stops on shutdown")
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_with_one_idempotency_key_create_one_command() {
+    let f = fx();
+    let body = json!({"tenant": "acme", "site": "s1", "target": "room-1",
+        "action": "set_desired", "field": "setpoint", "value": 3.5, "reason": "race"});
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let app = f.app.clone();
+        let tok = f.operator.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            call(
+                &app,
+                Method::POST,
+                "/api/v1/commands",
+                Some(&tok),
+                Some(body),
+                &[("idempotency-key", "race-1")],
+            )
+            .await
+        }));
+    }
+    let mut created = 0;
+    let mut ids = BTreeSet::new();
+    for t in tasks {
+        let (s, _, v) = t.await.unwrap();
+        assert!(s == StatusCode::CREATED || s == StatusCode::OK, "{s}: {v}");
+        created += usize::from(s == StatusCode::CREATED);
+        ids.insert(v["command"]["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!((created, ids.len()), (1, 1));
+    assert_eq!(f.fleet.commands().len(), 1);
+    let (_, a) = get(&f.app, "/api/v1/audit?action=command.create", &f.admin).await;
+    assert_eq!(a["items"].as_array().unwrap().len(), 1, "audited once");
 }
