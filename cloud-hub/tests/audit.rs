@@ -515,3 +515,91 @@ fn a_crash_at_every_byte_of_the_last_line_is_a_torn_tail_and_repairs() {
     std::fs::write(head_path(&path), &head).unwrap();
     assert_eq!(finding(&path), None);
 }
+
+/// Real kill -9: run `cloud-hub token create` over and over, SIGKILL each run after a
+/// pseudo-random delay, and check after every kill that the audit log is intact or only
+/// torn (never "tampered"), and that every token a run printed (so its audit entry was
+/// acknowledged) is in the log.
+#[test]
+fn kill_9_during_mutations_never_loses_an_acknowledged_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    assert!(cli(dir, &["init"]).status.success());
+    // Spread kills over about twice the time a run takes, so some runs finish.
+    let t = std::time::Instant::now();
+    assert!(
+        cli(dir, &["token", "create", "--tenant", "a", "--site", "b"])
+            .status
+            .success()
+    );
+    let run_us = (t.elapsed().as_micros() as u64).max(1000);
+    let bin = env!("CARGO_BIN_EXE_cloud-hub");
+    let mut seed: u64 = 0x5eed_0001;
+    let mut acknowledged = 0u32;
+    let mut killed = 0u32;
+    let mut torn = 0u32;
+    for round in 0..40 {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let delay = std::time::Duration::from_micros((seed >> 33) % (run_us * 2));
+        let mut child = Command::new(bin)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["token", "create", "--tenant", "a", "--site", "b"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Fault injection, not synchronisation: kill after `delay` unless it already exited.
+        let start = std::time::Instant::now();
+        while start.elapsed() < delay {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        }
+        let out = child.wait_with_output().unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let report = audit::verify(&dir.join("audit.log"), &hub_of(dir)).unwrap();
+        if let Some(f) = &report.finding {
+            assert!(!f.is_tampering(), "round {round} (seed {seed:#x}): {f}");
+            torn += 1;
+        }
+        if printed.starts_with("fsj1.") {
+            acknowledged += 1;
+            let nonce = cloud_hub::tokens::parse(&printed).unwrap().claims.nonce;
+            let log = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+            assert!(
+                log.contains(&format!("token:{nonce}")),
+                "round {round}: printed token not in the audit log"
+            );
+        }
+    }
+    // Whatever happened, the next command repairs and the log verifies.
+    assert!(
+        cli(dir, &["token", "create", "--tenant", "a", "--site", "b"])
+            .status
+            .success()
+    );
+    let o = cli(dir, &["audit", "verify"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    eprintln!(
+        "kill -9 rounds: {killed} killed, {acknowledged} acknowledged, {torn} torn tails seen"
+    );
+}
+
+fn hub_of(dir: &Path) -> ed25519_dalek::VerifyingKey {
+    cloud_hub::keys::load(&dir.join("hub.key"))
+        .unwrap()
+        .verifying_key()
+}
