@@ -37,7 +37,9 @@
 //!   (the summariser's replay point), so recomputing rollups never meets a
 //!   hole it made itself.
 //!
-//! Only one process may open a directory at a time (not enforced yet).
+//! Only one [`RawZone`] may have a directory open at a time: `open` takes an
+//! exclusive lock on `{dir}/LOCK`, released when the last handle, reader and
+//! the writer thread are gone (or the process dies).
 
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
@@ -105,6 +107,10 @@ pub enum RawZoneError {
         offset: u64,
         reason: String,
     },
+    /// Another open raw zone (in this or another process) holds the
+    /// directory.
+    #[error("raw zone {0} is already open (its LOCK is held)")]
+    Locked(PathBuf),
     /// Bad options.
     #[error("raw zone options: {0}")]
     Options(String),
@@ -217,6 +223,8 @@ struct Shared {
     durable_next: AtomicU64,
     poisoned: Mutex<Option<String>>,
     is_poisoned: AtomicBool,
+    /// Holds the directory's exclusive lock while the zone is open.
+    _lock: File,
     /// Test hook: fail this many upcoming write batches with `StorageFull`.
     inject_failures: AtomicU32,
 }
@@ -326,6 +334,22 @@ impl RawZone {
         opts.validate()?;
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| io_err("create dir", &dir, &e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err("open lock file", &lock_path, &e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(RawZoneError::Locked(dir));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io_err("lock", &lock_path, &e));
+            }
+        }
         let (segments, report) = recover(&dir)?;
         let durable_next = report.next_seq;
         let shared = Arc::new(Shared {
@@ -335,6 +359,7 @@ impl RawZone {
             poisoned: Mutex::new(None),
             is_poisoned: AtomicBool::new(false),
             inject_failures: AtomicU32::new(0),
+            _lock: lock,
         });
         let (tx, rx) = mpsc::channel(opts.queue_capacity);
         let writer = Writer::new(shared.clone(), &opts)?;

@@ -86,6 +86,9 @@ fn concurrent_appends_are_durable_in_order_across_segments() {
     let mid = read_all(&z, 431);
     assert_eq!(mid.first().map(|r| r.0), Some(431));
     assert_eq!(mid.len(), 800 - 431);
+    // A second open of the same directory is refused while this one lives.
+    let e = RawZone::open(dir.path(), small_opts()).unwrap_err();
+    assert!(matches!(e, RawZoneError::Locked(_)), "{e}");
     z.close();
 
     // Reopen: everything is there and seqs continue.
