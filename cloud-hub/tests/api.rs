@@ -1163,3 +1163,37 @@ async fn concurrent_requests_with_one_idempotency_key_create_one_command() {
     let (_, a) = get(&f.app, "/api/v1/audit?action=command.create", &f.admin).await;
     assert_eq!(a["items"].as_array().unwrap().len(), 1, "audited once");
 }
+
+#[test]
+fn api_audit_entries_map_onto_the_signed_audit_log() {
+    let e = cloud_hub::api::data::AuditEntry {
+        at: Timestamp(T0),
+        actor: "operator:acme:s1:carol".into(),
+        action: "alarm.ack".into(),
+        target: "alarm:acme:s1:x".into(),
+        tenant: Some(tenant("acme")),
+        site: Some(site("s1")),
+        reason: "checked".into(),
+        details: json!({"acked_by": "carol"}),
+    };
+    let rec = cloud_hub::audit::AuditRecord::from(&e);
+    assert_eq!(
+        (
+            rec.actor.as_str(),
+            rec.action.as_str(),
+            rec.target.as_str(),
+            rec.reason.as_str()
+        ),
+        (
+            "operator:acme:s1:carol",
+            "alarm.ack",
+            "alarm:acme:s1:x",
+            "checked"
+        )
+    );
+    let d: Value = serde_json::from_str(&rec.details).unwrap();
+    assert_eq!(
+        d,
+        json!({"tenant": "acme", "site": "s1", "details": {"acked_by": "carol"}})
+    );
+}

@@ -390,3 +390,23 @@ impl FleetData for MemoryFleet {
         self.lock().audit.clone()
     }
 }
+
+impl From<&AuditEntry> for crate::audit::AuditRecord {
+    /// The line to append to the hub's signed audit log for an API audit
+    /// entry: tenant, site and details travel in `details` as JSON (the log
+    /// adds its own time, so `at` is not repeated).
+    fn from(e: &AuditEntry) -> crate::audit::AuditRecord {
+        crate::audit::AuditRecord {
+            actor: e.actor.clone(),
+            action: e.action.clone(),
+            target: e.target.clone(),
+            reason: e.reason.clone(),
+            details: serde_json::json!({
+                "tenant": e.tenant,
+                "site": e.site,
+                "details": e.details,
+            })
+            .to_string(),
+        }
+    }
+}
