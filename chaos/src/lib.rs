@@ -23,5 +23,6 @@
 
 pub mod check;
 pub mod link;
+pub mod mesh;
 pub mod report;
 pub mod scenario;

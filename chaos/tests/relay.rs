@@ -265,3 +265,90 @@ async fn learns_the_client_address_in_proxy_mode_and_drops_strays() {
     assert_eq!(h.counters(Direction::BToA).packets_in, 3);
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn mesh_wires_a_scenario_fleet_and_applies_its_link_changes() {
+    use chaos::mesh::RelayMesh;
+    use chaos::scenario::Scenario;
+    use std::collections::BTreeMap;
+
+    let s = Scenario::parse(
+        std::path::Path::new("mesh.toml"),
+        r#"
+duration = "10s"
+[[fleet.hubs]]
+name = "hub"
+regions = ["eu"]
+[[fleet.tenants]]
+id = "acme"
+region = "eu"
+[[fleet.sites]]
+tenant = "acme"
+id = "s1"
+edges = 2
+[[timeline]]
+at = "1s"
+action = "partition"
+a = "hub"
+b = "s1/edge-1"
+direction = "b-to-a"
+"#,
+    )
+    .unwrap();
+    let mut socks = BTreeMap::new();
+    let mut addrs = BTreeMap::new();
+    for (name, _) in s.fleet.nodes() {
+        let sk = sock().await;
+        addrs.insert(name.clone(), sk.local_addr().unwrap());
+        socks.insert(name, sk);
+    }
+    let mesh = RelayMesh::spawn(&s.fleet.links(), &addrs, s.seed)
+        .await
+        .unwrap();
+    assert_eq!(mesh.links().count(), 3);
+    let (e1, e2, hub) = (&socks["s1/edge-1"], &socks["s1/edge-2"], &socks["hub"]);
+
+    // Every node reaches every peer through a relay, and sees the peer at
+    // the very address it would dial.
+    for (from, to, fs, ts) in [
+        ("s1/edge-1", "hub", e1, hub),
+        ("hub", "s1/edge-2", hub, e2),
+        ("s1/edge-2", "s1/edge-1", e2, e1),
+    ] {
+        let dial = mesh.dial_addr(from, to).unwrap();
+        assert_ne!(dial, addrs[to], "{from} must not dial {to} directly");
+        fs.send_to(from.as_bytes(), dial).await.unwrap();
+        let (d, seen_from) = recv_n(ts, 1).await.remove(0);
+        assert_eq!(d, from.as_bytes());
+        assert_eq!(
+            Some(seen_from),
+            mesh.dial_addr(to, from),
+            "{to} sees {from} at its dial address"
+        );
+    }
+
+    // The scenario cuts edge-1 -> hub only.
+    for change in s.link_changes() {
+        mesh.apply(&change).unwrap();
+    }
+    let before = mesh.counters("s1/edge-1", "hub").unwrap();
+    for _ in 0..5 {
+        e1.send_to(b"cut", mesh.dial_addr("s1/edge-1", "hub").unwrap())
+            .await
+            .unwrap();
+    }
+    wait_for("the cut datagrams to reach the relay", || {
+        mesh.counters("s1/edge-1", "hub").unwrap().packets_in == before.packets_in + 5
+    })
+    .await;
+    assert_eq!(
+        mesh.counters("s1/edge-1", "hub").unwrap().forwarded,
+        before.forwarded
+    );
+    assert_nothing_pending(hub, "hub");
+    hub.send_to(b"still-up", mesh.dial_addr("hub", "s1/edge-1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(recv_n(e1, 1).await[0].0, b"still-up");
+    mesh.shutdown().await.unwrap();
+}

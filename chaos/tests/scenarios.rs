@@ -72,3 +72,24 @@ fn scenarios_exercise_what_their_names_say() {
         }
     }
 }
+
+#[test]
+fn a_run_record_starts_from_the_scenario() {
+    use chaos::check::{RunRecord, Status};
+    let s = library()
+        .into_iter()
+        .find(|s| s.name == "hub-kill-under-load")
+        .unwrap();
+    let rec = RunRecord::from_scenario(&s);
+    assert_eq!(rec.links.len(), s.fleet.links().len());
+    assert_eq!(rec.observations.nodes.len(), 4); // hub + 2 + 1 edges
+    assert_eq!(rec.observations.downtime.len(), 2);
+    // Nothing observed yet: the report cannot pass, it is undecided.
+    let r = chaos::report::build(&rec);
+    assert_eq!((r.overall, r.exit_code), (Status::Unknown, 2));
+    assert!(
+        r.connectivity
+            .iter()
+            .any(|c| c.link.b == "hub-eu" && c.state == chaos::report::Connectivity::Down)
+    );
+}

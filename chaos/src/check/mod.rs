@@ -32,7 +32,7 @@ use schemas::metrics::Rollup;
 use schemas::policy::Region;
 use schemas::time::Timestamp;
 
-use crate::scenario::{FaultSpan, Link, NodeRole, NodeSpan, TenantSpec};
+use crate::scenario::{FaultSpan, Link, NodeRole, NodeSpan, Scenario, TenantSpec};
 pub use history::{History, Op, OpType};
 
 /// The outcome of one checker.
@@ -231,6 +231,37 @@ pub struct RunRecord {
     pub history: History,
     /// End-of-run observations.
     pub observations: Observations,
+}
+
+impl RunRecord {
+    /// A record pre-filled from a scenario: name, seed, duration, links,
+    /// fault spans, nodes, tenants, downtime, checker settings. A runner
+    /// adds the history and the rest of the observations.
+    pub fn from_scenario(s: &Scenario) -> RunRecord {
+        let duration_ms = s.duration.as_millis() as i64;
+        RunRecord {
+            scenario: s.name.clone(),
+            seed: s.seed,
+            duration_ms,
+            links: s.fleet.links(),
+            faults: s.fault_spans(),
+            loop_period_tolerance: Some(s.checks.loop_period_tolerance),
+            checkers: s.checks.checkers.clone(),
+            history: History::default(),
+            observations: Observations {
+                nodes: s
+                    .fleet
+                    .nodes()
+                    .into_iter()
+                    .map(|(name, role)| NodeInfo { name, role })
+                    .collect(),
+                tenants: s.fleet.tenants.clone(),
+                downtime: s.downtime(),
+                end_ms: duration_ms,
+                ..Observations::default()
+            },
+        }
+    }
 }
 
 /// A piece of evidence for a verdict.
