@@ -484,3 +484,108 @@ fn active_rollouts_on_the_same_device_and_field_conflict() {
         "a finished rollout no longer conflicts"
     );
 }
+
+mod random_schedules {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Input {
+        /// Advance by ms, then tick; maybe with a new alarm on member `i`,
+        /// maybe with a canary that has not reported.
+        Tick {
+            advance: i64,
+            alarm_on: Option<usize>,
+            silent: bool,
+        },
+        Pause,
+        Resume,
+        Abort,
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            6 => (0i64..6_000, proptest::option::weighted(0.15, 0usize..20), proptest::bool::weighted(0.1))
+                .prop_map(|(advance, alarm_on, silent)| Input::Tick { advance, alarm_on, silent }),
+            1 => Just(Input::Pause),
+            1 => Just(Input::Resume),
+            1 => Just(Input::Abort),
+        ]
+    }
+
+    fn drive(inputs: &[Input], restart: bool) -> (Rollout, World, Vec<Effect>) {
+        let c = candidates();
+        let mut w = World::new(&c);
+        let (mut r, fx) = Rollout::start(spec("r1"), &c, Timestamp(T0)).unwrap();
+        w.apply(&fx);
+        let mut all = fx;
+        let mut now = T0;
+        for i in inputs {
+            if restart {
+                r = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+            }
+            let fx = match i {
+                Input::Tick {
+                    advance,
+                    alarm_on,
+                    silent,
+                } => {
+                    now += advance;
+                    let mut obs = healthy(&r, now);
+                    if let Some(m) = alarm_on
+                        && let Some(o) = obs.get_mut(*m % 20)
+                    {
+                        o.alarms.push(AlarmSeen {
+                            id: "a".into(),
+                            raised_at: Timestamp(now),
+                            severity: Severity::Warning,
+                        });
+                    }
+                    if *silent {
+                        let first = canaries(&r)[0].clone();
+                        obs.retain(|o| o.device != first);
+                    }
+                    r.handle_tick(Timestamp(now), &obs)
+                }
+                Input::Pause => r.pause(Timestamp(now), "admin:a", "p").unwrap_or_default(),
+                Input::Resume => r.resume(Timestamp(now), "admin:a", "r").unwrap_or_default(),
+                Input::Abort => r.abort(Timestamp(now), "admin:a", "x").unwrap_or_default(),
+            };
+            w.apply(&fx);
+            all.extend(fx);
+        }
+        (r, w, all)
+    }
+
+    proptest! {
+        /// Whatever the schedule: a restart before every input changes
+        /// nothing; a rolled-back or aborted rollout leaves every device as
+        /// it was; a completed one leaves every device with the new value;
+        /// the rest of the cohort is never touched before the gate passed.
+        #[test]
+        fn invariants_hold_over_random_schedules(inputs in proptest::collection::vec(input(), 0..25)) {
+            let (r, w, fx) = drive(&inputs, false);
+            let (r2, w2, fx2) = drive(&inputs, true);
+            prop_assert_eq!(&r, &r2);
+            prop_assert_eq!(&fx, &fx2);
+            prop_assert_eq!(&w, &w2);
+            let original = World::new(&candidates()).desired;
+            match &r.state {
+                RolloutState::RolledBack { .. } | RolloutState::Aborted { .. } => {
+                    prop_assert_eq!(&w.desired, &original);
+                    prop_assert!(w.touched.iter().all(|k| canaries(&r).contains(k)));
+                }
+                RolloutState::Completed { .. } => {
+                    for v in w.desired.values() {
+                        prop_assert_eq!(&v["setpoint"], &FieldValue::Number(2.5));
+                    }
+                    prop_assert_eq!(w.audit.last().map(String::as_str), Some("rollout.completed"));
+                }
+                RolloutState::Canary { .. } | RolloutState::Paused { .. } => {
+                    prop_assert!(w.touched.iter().all(|k| canaries(&r).contains(k)));
+                }
+            }
+            prop_assert_eq!(w.audit.first().map(String::as_str), Some("rollout.started"));
+        }
+    }
+}
