@@ -13,6 +13,15 @@ use schemas::time::Timestamp;
 
 const T0: Timestamp = Timestamp(1_790_000_000_000);
 
+/// The tests here run one at a time. A test that spawns `cloud-hub` forks this process;
+/// until the child execs it holds duplicates of every open file, including another test's
+/// locked audit log, so a test that drops and at once reopens its log would see it locked.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn hub() -> SigningKey {
     SigningKey::from_bytes(&[1; 32])
 }
@@ -86,6 +95,7 @@ fn unhex32(s: &str) -> [u8; 32] {
 
 #[test]
 fn untouched_log_verifies_and_reopen_continues_the_chain() {
+    let _serial = serial();
     let (_d, path) = log_with(5);
     let report = audit::verify(&path, &hub().verifying_key()).unwrap();
     assert_eq!(report.finding, None);
@@ -109,6 +119,7 @@ fn untouched_log_verifies_and_reopen_continues_the_chain() {
 
 #[test]
 fn wrong_hub_key_fails_at_the_first_entry() {
+    let _serial = serial();
     let (_d, path) = log_with(3);
     let other = SigningKey::from_bytes(&[2; 32]).verifying_key();
     let f = audit::verify(&path, &other).unwrap().finding.unwrap();
@@ -117,6 +128,7 @@ fn wrong_hub_key_fails_at_the_first_entry() {
 
 #[test]
 fn edited_field_is_detected_at_its_seq() {
+    let _serial = serial();
     for field in ["actor", "action", "target", "reason", "details", "time"] {
         let (_d, path) = log_with(5);
         let mut ls = lines(&path);
@@ -140,6 +152,7 @@ fn edited_field_is_detected_at_its_seq() {
 
 #[test]
 fn edited_and_rehashed_entry_fails_its_signature() {
+    let _serial = serial();
     let (_d, path) = log_with(5);
     let mut ls = lines(&path);
     let mut e = entry(&ls[2]);
@@ -154,6 +167,7 @@ fn edited_and_rehashed_entry_fails_its_signature() {
 
 #[test]
 fn deleted_entry_is_detected_at_its_seq() {
+    let _serial = serial();
     let (_d, path) = log_with(5);
     let mut ls = lines(&path);
     ls.remove(2);
@@ -175,6 +189,7 @@ fn deleted_entry_is_detected_at_its_seq() {
 
 #[test]
 fn deleted_entry_with_renumbering_breaks_the_chain() {
+    let _serial = serial();
     let (_d, path) = log_with(5);
     let mut ls = lines(&path);
     ls.remove(2);
@@ -188,6 +203,7 @@ fn deleted_entry_with_renumbering_breaks_the_chain() {
 
 #[test]
 fn swapped_entries_are_detected_at_the_first() {
+    let _serial = serial();
     let (_d, path) = log_with(5);
     let mut ls = lines(&path);
     ls.swap(2, 3);
@@ -208,6 +224,7 @@ fn swapped_entries_are_detected_at_the_first() {
 
 #[test]
 fn inserted_forged_entry_is_detected() {
+    let _serial = serial();
     let (_d, path) = log_with(5);
     let mut ls = lines(&path);
     // A well-formed entry 3 chained to entry 2, signed with another key.
@@ -257,6 +274,7 @@ fn inserted_forged_entry_is_detected() {
 
 #[test]
 fn garbage_line_is_malformed_at_its_seq() {
+    let _serial = serial();
     let (_d, path) = log_with(4);
     let mut ls = lines(&path);
     ls[1] = "{not json".into();
@@ -267,6 +285,7 @@ fn garbage_line_is_malformed_at_its_seq() {
 
 #[test]
 fn removed_tail_entries_are_caught_by_the_head() {
+    let _serial = serial();
     let (_d, path) = log_with(5);
     let mut ls = lines(&path);
     ls.truncate(3);
@@ -291,6 +310,7 @@ fn removed_tail_entries_are_caught_by_the_head() {
 
 #[test]
 fn torn_tail_is_reported_distinctly_and_repaired_on_open() {
+    let _serial = serial();
     let (_d, path) = log_with(5);
     let full = std::fs::read(&path).unwrap();
     let ls = lines(&path);
@@ -334,6 +354,7 @@ fn torn_tail_is_reported_distinctly_and_repaired_on_open() {
 
 #[test]
 fn open_refuses_to_extend_a_tampered_log() {
+    let _serial = serial();
     let (_d, path) = log_with(3);
     let mut ls = lines(&path);
     ls.swap(0, 1);
@@ -355,6 +376,7 @@ fn open_refuses_to_extend_a_tampered_log() {
 
 #[test]
 fn second_writer_is_refused_while_the_first_holds_the_log() {
+    let _serial = serial();
     let (_d, path) = log_with(1);
     let (log, _) = AuditLog::open(&path, hub(), T0).unwrap();
     let err = AuditLog::open(&path, hub(), T0).unwrap_err();
@@ -377,6 +399,7 @@ fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn cli_audit_verify_exit_codes() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let o = cli(dir, &["init"]);
@@ -433,6 +456,7 @@ fn cli_audit_verify_exit_codes() {
 
 #[test]
 fn open_refuses_a_forged_last_entry_and_a_wrong_key() {
+    let _serial = serial();
     let (_d, path) = log_with(3);
     let mut ls = lines(&path);
     let prev = entry(&ls[2]);
@@ -476,6 +500,7 @@ fn open_refuses_a_forged_last_entry_and_a_wrong_key() {
 /// report a torn tail (never tampering), and open must repair it with nothing lost.
 #[test]
 fn a_crash_at_every_byte_of_the_last_line_is_a_torn_tail_and_repairs() {
+    let _serial = serial();
     let (_d, path) = log_with(3);
     let full = std::fs::read(&path).unwrap();
     let head = std::fs::read(head_path(&path)).unwrap();
@@ -522,6 +547,7 @@ fn a_crash_at_every_byte_of_the_last_line_is_a_torn_tail_and_repairs() {
 /// acknowledged) is in the log.
 #[test]
 fn kill_9_during_mutations_never_loses_an_acknowledged_entry() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     assert!(cli(dir, &["init"]).status.success());
