@@ -1,11 +1,19 @@
 //! Chaos testing for fieldsync: a fault-injecting UDP link, scenario files,
 //! pure invariant checkers over a recorded run, and reports.
 //!
-//! Reliability engineers describe a fault schedule as a TOML [`scenario`],
-//! a runner (later: against a real local fleet) drives it through one
-//! [`link::Relay`] per node pair and records a [`check::RunRecord`], and the
-//! [`check`]ers turn that record into verdicts with evidence, which
-//! [`report`] renders as JSON, text and an SVG timeline.
+//! The story: a reliability engineer writes a [`scenario`] (TOML: a fleet
+//! shape, a timeline of partitions, link faults, kills, clock skew,
+//! concurrent edits, commands, floods, device faults; checker settings) and
+//! validates it with `chaos check-scenarios`. A runner (not built yet: it
+//! needs the real fleet) puts a [`mesh::RelayMesh`] between the nodes, one
+//! [`link::Relay`] per node pair, applies [`scenario::Scenario::link_changes`]
+//! at their offsets, records a [`check::RunRecord`] (start from
+//! [`check::RunRecord::from_scenario`]), and `chaos report` turns it into
+//! verdicts with evidence ([`check`]) rendered as JSON, text and an SVG
+//! timeline ([`report`]). Exit codes: 0 pass, 1 fail, 2 error or undecided.
+//!
+//! Everything but the relay driver is pure: the shaper takes `now` as an
+//! argument, checkers and reports are functions of their input.
 //!
 //! ```
 //! use chaos::link::{Direction, LinkFaults, Shaper};

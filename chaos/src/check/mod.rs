@@ -12,9 +12,9 @@
 //! | `compliance` | no tenant document on a hub outside its region; no raw data off its site; a global hub holds only fleet aggregates; no site data on another site's edge |
 //! | `no-panic` | no panic line in any node's log |
 //!
-//! A checker with nothing to look at says [`Status::Unknown`] rather than
-//! passing: a run that recorded no ticks has not shown that loops never
-//! stalled.
+//! A checker with nothing to look at, or whose input is inconsistent (only
+//! [`Evidence::Malformed`]), says [`Status::Unknown`] rather than passing: a
+//! run that recorded no ticks has not shown that loops never stalled.
 
 pub mod commands;
 pub mod compliance;
@@ -404,8 +404,15 @@ pub struct Verdict {
 
 impl Verdict {
     pub(crate) fn new(checker: &str, evidence: Vec<Evidence>, pass: String, fail: String) -> Self {
+        // Evidence that only says the input is inconsistent cannot convict
+        // the system: the run is undecided, not failed.
+        let only_malformed = evidence
+            .iter()
+            .all(|e| matches!(e, Evidence::Malformed { .. }));
         let status = if evidence.is_empty() {
             Status::Pass
+        } else if only_malformed {
+            Status::Unknown
         } else {
             Status::Fail
         };
