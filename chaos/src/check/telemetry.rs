@@ -620,6 +620,63 @@ mod tests {
         assert_eq!(m[1].identified_lost.len(), 5);
     }
 
+    /// Seeded random windows: dropping `k` samples is reported as exactly
+    /// `k` lost, duplicating `k` as exactly `k` extra, and an untouched
+    /// delivery always passes.
+    #[test]
+    fn seeded_losses_and_duplicates_are_counted_exactly() {
+        use rand::rngs::StdRng;
+        use rand::{RngExt, SeedableRng};
+        for seed in 0..300u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let n = rng.random_range(1..40u64);
+            let all: Vec<SampleObs> = (0..n)
+                .map(|i| {
+                    sample(
+                        i,
+                        rng.random_range(0..3 * W),
+                        (rng.random_range(-500..500) as f64) / 8.0,
+                    )
+                })
+                .collect();
+            let mut o = obs();
+            o.acked_samples = all.clone();
+            o.hub_rollups = rollups(&all);
+            assert_eq!(
+                check(&o).status,
+                Status::Pass,
+                "seed {seed}: clean delivery"
+            );
+
+            let k = rng.random_range(1..=n.min(5)) as usize;
+            let dropped: BTreeSet<u64> = (0..k).map(|_| rng.random_range(0..n)).collect();
+            let delivered: Vec<SampleObs> = all
+                .iter()
+                .filter(|s| !dropped.contains(&s.seq))
+                .cloned()
+                .collect();
+            o.hub_rollups = rollups(&delivered);
+            let v = check(&o);
+            let lost: u64 = mismatch(&v).iter().map(|m| m.lost_at_least).sum();
+            let extra: u64 = mismatch(&v).iter().map(|m| m.extra_at_least).sum();
+            assert_eq!(
+                (lost, extra),
+                (dropped.len() as u64, 0),
+                "seed {seed}: dropped {dropped:?}"
+            );
+
+            let mut doubled = all.clone();
+            for _ in 0..k {
+                doubled.push(all[rng.random_range(0..all.len())].clone());
+            }
+            o.hub_rollups = rollups(&doubled);
+            let v = check(&o);
+            let lost: u64 = mismatch(&v).iter().map(|m| m.lost_at_least).sum();
+            let extra: u64 = mismatch(&v).iter().map(|m| m.extra_at_least).sum();
+            assert_eq!((lost, extra), (0, k as u64), "seed {seed}");
+        }
+    }
+
     #[test]
     fn wrong_window_or_missing_window_size_is_malformed() {
         let mut o = obs();
