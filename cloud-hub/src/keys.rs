@@ -32,9 +32,9 @@ pub enum KeyError {
         #[source]
         source: io::Error,
     },
-    /// Group or others may read the file: the secret may have leaked.
+    /// Group or others have some access to the file: the secret may have leaked.
     #[error(
-        "key file {path} has mode {mode:04o}, readable by group or others; \
+        "key file {path} has mode {mode:04o}, open to group or others; \
          refusing to use it (fix: chmod 600 {path}, and consider the key compromised if others had access)"
     )]
     InsecurePermissions {
