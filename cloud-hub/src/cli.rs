@@ -260,7 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 t,
             )
-            .context("record the token in the audit log")?;
+            .context("record the token in the audit log (no token was issued)")?;
             eprintln!(
                 "join token for tenant {} site {} role {}, valid until {} (one use)",
                 claims.tenant, claims.site, claims.role, claims.expires_at
@@ -325,7 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 t,
             )
-            .context("record the enrolment in the audit log")?;
+            .context("the node IS enrolled, but recording it in the audit log failed; add the entry by hand")?;
             println!(
                 "enrolled {endpoint} as {} (registry seq {})",
                 rec.role,
@@ -349,7 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 t,
             )
-            .context("record the revocation in the audit log")?;
+            .context("the node IS revoked, but recording it in the audit log failed; add the entry by hand")?;
             println!(
                 "revoked {id} at {} (registry seq {}); live connections are not closed by this offline command",
                 rec.revoked_at.unwrap_or(t),
