@@ -67,6 +67,8 @@ const FRAME_LEN: usize = 8;
 /// Largest record payload accepted; anything larger in a file is corruption.
 pub const MAX_RECORD: usize = 64 * 1024;
 const SEGMENT_SUFFIX: &str = ".seg";
+/// Bytes between sparse index entries of a segment.
+const INDEX_EVERY: u64 = 64 * 1024;
 
 /// Sequence number of a sample in the raw zone.
 pub type Seq = u64;
@@ -213,6 +215,9 @@ struct SegmentMeta {
     path: PathBuf,
     len: u64,
     max_plausible_ts: Option<i64>,
+    /// Sparse index `(seq, byte offset of its record)`, one entry about
+    /// every [`INDEX_EVERY`] bytes, so readers seek instead of scanning.
+    index: Vec<(Seq, u64)>,
 }
 
 #[derive(Debug)]
@@ -442,6 +447,7 @@ impl RawZone {
             buf: Vec::new(),
             pos: 0,
             seg_first: None,
+            base: 0,
             path: PathBuf::new(),
             failed: false,
         }
@@ -739,6 +745,7 @@ fn recover(dir: &Path) -> Result<(Vec<SegmentMeta>, RecoveryReport), RawZoneErro
                     path,
                     len: HEADER_LEN as u64,
                     max_plausible_ts: None,
+                    index: Vec::new(),
                 });
                 continue;
             }
@@ -768,6 +775,7 @@ fn recover(dir: &Path) -> Result<(Vec<SegmentMeta>, RecoveryReport), RawZoneErro
         let mut off = HEADER_LEN;
         let mut next = first_seq;
         let mut max_ts = None::<i64>;
+        let mut index: Vec<(Seq, u64)> = Vec::new();
         let mut problem = None;
         while off < bytes.len() {
             match decode_record(&bytes[off..]) {
@@ -778,6 +786,10 @@ fn recover(dir: &Path) -> Result<(Vec<SegmentMeta>, RecoveryReport), RawZoneErro
                     }
                     if sample.ts.is_plausible() {
                         max_ts = Some(max_ts.map_or(sample.ts.0, |m| m.max(sample.ts.0)));
+                    }
+                    let last_indexed = index.last().map_or(HEADER_LEN as u64, |e| e.1);
+                    if off as u64 - last_indexed >= INDEX_EVERY {
+                        index.push((seq, off as u64));
                     }
                     next += 1;
                     off += len;
@@ -812,6 +824,7 @@ fn recover(dir: &Path) -> Result<(Vec<SegmentMeta>, RecoveryReport), RawZoneErro
             path,
             len: off as u64,
             max_plausible_ts: max_ts,
+            index,
         });
     }
     report.segments = segments.len();
@@ -824,6 +837,7 @@ fn recover(dir: &Path) -> Result<(Vec<SegmentMeta>, RecoveryReport), RawZoneErro
             path,
             len: HEADER_LEN as u64,
             max_plausible_ts: None,
+            index: Vec::new(),
         });
     }
     sync_dir(dir)?;
@@ -955,6 +969,11 @@ impl Writer {
         {
             let mut segs = self.shared.segments();
             if let Some(last) = segs.last_mut() {
+                let last_indexed = last.index.last().map_or(HEADER_LEN as u64, |e| e.1);
+                let batch_start = self.len - buf.len() as u64;
+                if batch_start - last_indexed >= INDEX_EVERY {
+                    last.index.push((first_seq, batch_start));
+                }
                 last.len = self.len;
                 last.next_seq = self.next_seq;
                 if let Some(t) = max_ts {
@@ -982,6 +1001,7 @@ impl Writer {
             path: path.clone(),
             len: HEADER_LEN as u64,
             max_plausible_ts: None,
+            index: Vec::new(),
         });
         self.file = file;
         self.path = path;
@@ -1004,6 +1024,8 @@ pub struct RawReader {
     pos: usize,
     /// First seq of the loaded segment, if one is loaded.
     seg_first: Option<Seq>,
+    /// File offset of `buf[0]`.
+    base: u64,
     path: PathBuf,
     failed: bool,
 }
@@ -1018,35 +1040,50 @@ impl RawReader {
     /// `after` skips segments starting at or before it (the one just read).
     fn load(&mut self, after: Option<Seq>) -> Result<bool, RawZoneError> {
         loop {
-            let seg = {
+            let (path, first_seq, seg_next, offset, len) = {
                 let segs = self.shared.segments();
                 let cand = segs
                     .iter()
                     .filter(|s| after.is_none_or(|a| s.first_seq > a))
                     .find(|s| s.next_seq > self.next || s.first_seq >= self.next);
-                match cand {
-                    Some(s) => s.clone(),
-                    None => return Ok(false),
-                }
+                let Some(s) = cand else { return Ok(false) };
+                let i = s.index.partition_point(|e| e.0 <= self.next);
+                let offset = if i == 0 {
+                    HEADER_LEN as u64
+                } else {
+                    s.index[i - 1].1
+                };
+                (s.path.clone(), s.first_seq, s.next_seq, offset, s.len)
             };
-            match fs::read(&seg.path) {
+            match read_range(&path, offset, len) {
                 Ok(b) => {
                     self.buf = b;
-                    self.pos = HEADER_LEN;
-                    self.path = seg.path;
-                    self.seg_first = Some(seg.first_seq);
+                    self.pos = 0;
+                    self.base = offset;
+                    self.path = path;
+                    self.seg_first = Some(first_seq);
                     // Seqs before the segment were deleted by retention.
-                    self.next = self.next.max(seg.first_seq);
+                    self.next = self.next.max(first_seq);
                     return Ok(true);
                 }
                 // Deleted by retention after we looked: move past it.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.next = self.next.max(seg.next_seq);
+                    self.next = self.next.max(seg_next);
                 }
-                Err(e) => return Err(io_err("read segment", &seg.path, &e)),
+                Err(e) => return Err(io_err("read segment", &path, &e)),
             }
         }
     }
+}
+
+/// The bytes `[offset, len)` of a file (less if it is shorter).
+fn read_range(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(usize::try_from(len.saturating_sub(offset)).unwrap_or(0));
+    f.take(len.saturating_sub(offset)).read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 impl Iterator for RawReader {
@@ -1093,7 +1130,7 @@ impl Iterator for RawReader {
                     self.failed = true;
                     return Some(Err(RawZoneError::Corrupt {
                         path: self.path.clone(),
-                        offset: self.pos as u64,
+                        offset: self.base + self.pos as u64,
                         reason,
                     }));
                 }

@@ -407,3 +407,31 @@ fn kill9_loses_no_acknowledged_sample() {
     }
     assert!(acked.len() >= 4500);
 }
+
+#[test]
+fn readers_seek_through_the_sparse_index_before_and_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (z, _) = RawZone::open(dir.path(), RawZoneOptions::default()).unwrap();
+    // ~70 bytes a record: 6000 records span several 64 KiB index steps.
+    let acks: Vec<_> = (0..6000)
+        .map(|i| z.try_append(sample(i)).unwrap())
+        .collect();
+    for (i, a) in acks.into_iter().enumerate() {
+        assert_eq!(a.blocking_wait().unwrap(), i as u64);
+    }
+    let check = |z: &RawZone| {
+        for from in [0u64, 1, 937, 2500, 3333, 5999] {
+            let got = read_all(z, from);
+            assert_eq!(got.len() as u64, 6000 - from, "from {from}");
+            assert_eq!(got[0], (from, sample(from)));
+            assert_eq!(got.last().unwrap(), &(5999, sample(5999)));
+        }
+        assert!(read_all(z, 6000).is_empty());
+    };
+    check(&z);
+    z.close();
+    let (z, rep) = RawZone::open(dir.path(), RawZoneOptions::default()).unwrap();
+    assert_eq!(rep.records, 6000);
+    check(&z);
+    z.close();
+}

@@ -98,6 +98,7 @@ struct AppendRun {
     per_sec: f64,
     p50: Duration,
     p99: Duration,
+    read_per_sec: f64,
 }
 
 fn append_run(
@@ -141,11 +142,19 @@ fn append_run(
     let mut lat = lat;
     lat.sort();
     let total = lat.len() as f64;
+    let t = Instant::now();
+    let mut read = 0u64;
+    for r in z.read_from(0) {
+        r.context("read back")?;
+        read += 1;
+    }
+    let read_per_sec = read as f64 / t.elapsed().as_secs_f64();
     z.close();
     Ok(AppendRun {
         per_sec: total / secs,
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
+        read_per_sec,
     })
 }
 
@@ -177,6 +186,7 @@ fn run() -> anyhow::Result<()> {
         None => std::env::temp_dir().join(format!("edge-bench-raw-{}", std::process::id())),
     };
     let mut rows = Vec::new();
+    let mut read_rate = 0.0;
     for appenders in [1, args.appenders] {
         let n = if appenders == 1 {
             (args.appends / 10).max(1)
@@ -194,6 +204,7 @@ fn run() -> anyhow::Result<()> {
         let p99 = median(runs.iter().map(|r| r.p99.as_secs_f64()).collect());
         let rate = median(runs.iter().map(|r| r.per_sec).collect());
         rows.push((appenders, n, rate, p50, p99));
+        read_rate = median(runs.iter().map(|r| r.read_per_sec).collect());
     }
     let _ = std::fs::remove_dir_all(&base);
 
@@ -210,5 +221,9 @@ fn run() -> anyhow::Result<()> {
             p99 * 1e3
         );
     }
+    println!(
+        "| raw zone sequential read from seq 0 ({} samples) | {read_rate:.0} samples/s |",
+        args.appends
+    );
     Ok(())
 }
