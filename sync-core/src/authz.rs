@@ -45,6 +45,12 @@ impl HubScope {
 pub trait Directory: Send + Sync {
     /// The node with this key, if it is enrolled and not revoked.
     fn lookup(&self, key: &EndpointKey) -> Option<PeerInfo>;
+
+    /// The node that authored a change. By default only active nodes: the
+    /// changes of a revoked node are no longer accepted from anyone.
+    fn author(&self, key: &EndpointKey) -> Option<PeerInfo> {
+        self.lookup(key)
+    }
 }
 
 /// A fixed directory (tests, simulations, small static fleets).
@@ -146,13 +152,16 @@ impl Authz {
     }
 
     /// May `peer` introduce `change` to `doc`? The change's author key (from
-    /// its actor id) must be allowed to write the document's kind, and a
-    /// peer that is not a hub may only introduce its own changes.
+    /// its actor id) must belong to an enrolled node whose role may write the
+    /// document's kind, and `sig` must be that key's signature of the change
+    /// hash. So any peer may relay changes of others (edges of a site keep
+    /// syncing while the hub is away) but none can forge one.
     pub fn check_change(
         &self,
         peer: &PeerInfo,
         doc: &DocId,
         change: &Change,
+        sig: &[u8; 64],
         directory: &dyn Directory,
     ) -> Result<(), String> {
         if !self.in_scope(peer, doc) {
@@ -169,19 +178,15 @@ impl Authz {
         let Some(author) = key_of_actor(actor) else {
             return Err(format!("actor {actor} is not bound to a node key"));
         };
-        if peer.role != Role::Hub && author != peer.key {
-            return Err(format!(
-                "peer {} may only send its own changes, this one is authored by {}",
-                peer.key.short(),
-                author.short()
-            ));
+        if !crate::identity::verify(&author, &crate::store::change_sign_payload(&change.hash()), sig) {
+            return Err(format!("signature of change by {} does not verify: forged or corrupted", author.short()));
         }
         let author_info = if author == peer.key {
             Some(peer.clone())
         } else if author == self.local.key {
             Some(self.local.clone())
         } else {
-            directory.lookup(&author)
+            directory.author(&author)
         };
         let Some(author_info) = author_info else {
             return Err(format!("author {} is not an enrolled node (forged or revoked)", author.short()));

@@ -7,6 +7,7 @@
 //! - [`identity`]: node keys (0600 files) and actor ids bound to them.
 
 pub mod docs;
+pub mod driver;
 pub mod identity;
 pub mod storage;
 pub mod store;

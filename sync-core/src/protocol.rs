@@ -65,8 +65,9 @@ pub enum Frame {
     /// Part of the full manifest; `last` ends it. Ids are prefix-compressed
     /// against the previous entry of the same frame.
     Manifest { entries: Vec<ManifestEntry>, last: bool },
-    /// An Automerge sync message for one document.
-    Sync { doc: DocId, msg: Vec<u8> },
+    /// An Automerge sync message for one document, with the author's
+    /// signature of each change it carries (in message order).
+    Sync { doc: DocId, sigs: Vec<[u8; 64]>, msg: Vec<u8> },
     Error { code: u16, doc: Option<DocId>, message: String },
 }
 
@@ -172,9 +173,13 @@ impl Frame {
                     prev = id;
                 }
             }
-            Frame::Sync { doc, msg } => {
+            Frame::Sync { doc, sigs, msg } => {
                 body.push(4);
                 put_bytes(&mut body, doc.to_string().as_bytes());
+                put_varint(&mut body, sigs.len() as u64);
+                for s in sigs {
+                    body.extend_from_slice(s);
+                }
                 body.extend_from_slice(msg);
             }
             Frame::Error { code, doc, message } => {
@@ -230,7 +235,17 @@ impl Frame {
             }
             4 => {
                 let doc = r.doc()?;
-                Ok(Frame::Sync { doc, msg: r.rest().to_vec() })
+                let n = r.varint()?;
+                if n > (r.b.len() / 64) as u64 {
+                    return Err(Reader::bad("more signatures than bytes"));
+                }
+                let mut sigs = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let mut s = [0u8; 64];
+                    s.copy_from_slice(r.take(64)?);
+                    sigs.push(s);
+                }
+                Ok(Frame::Sync { doc, sigs, msg: r.rest().to_vec() })
             }
             5 => {
                 let c = r.take(2)?;
@@ -312,7 +327,7 @@ mod tests {
             entries: vec![ManifestEntry { doc: d.clone(), digest: [1; 12] }, ManifestEntry { doc: d2, digest: [2; 12] }],
             last: true,
         });
-        roundtrip(Frame::Sync { doc: d.clone(), msg: vec![1, 2, 3] });
+        roundtrip(Frame::Sync { doc: d.clone(), sigs: vec![[9; 64]], msg: vec![1, 2, 3] });
         roundtrip(Frame::Error { code: 4, doc: Some(d), message: "too many rounds".into() });
         roundtrip(Frame::Error { code: 1, doc: None, message: String::new() });
     }

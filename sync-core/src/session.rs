@@ -367,7 +367,7 @@ impl Session {
                     self.diff_manifests(store, now);
                 }
             }
-            Frame::Sync { doc, msg } => self.handle_sync(doc, &msg, store, now)?,
+            Frame::Sync { doc, sigs, msg } => self.handle_sync(doc, &sigs, &msg, store, now)?,
             Frame::Error { code, doc, message } => {
                 tracing::warn!(peer = %self.peer.key.short(), code, doc = ?doc.as_ref().map(|d| d.to_string()), %message, "peer reported an error");
                 if let Some(d) = &doc
@@ -454,7 +454,14 @@ impl Session {
             .or_insert_with(|| DocSync { state: store.sync_state(&peer.key, id), rounds: 0, disabled: false })
     }
 
-    fn handle_sync(&mut self, doc: DocId, msg: &[u8], store: &DocStore, now: Instant) -> Result<(), SessionError> {
+    fn handle_sync(
+        &mut self,
+        doc: DocId,
+        sigs: &[[u8; 64]],
+        msg: &[u8],
+        store: &DocStore,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         self.stats.sync_messages_received += 1;
         if !self.authz.in_scope(&self.peer, &doc) {
             self.error(ErrorCode::NotAuthorised, Some(doc.clone()), format!("{doc} is outside this connection's scope"));
@@ -474,8 +481,8 @@ impl Session {
         let authz = self.authz.clone();
         let directory = self.directory.clone();
         let peer = self.peer.clone();
-        let guard = |c: &automerge::Change| authz.check_change(&peer, &doc, c, directory.as_ref());
-        match store.receive_sync_message(&doc, self.peer.key, &mut ds.state, message, &guard) {
+        let guard = |c: &automerge::Change, sig: &[u8; 64]| authz.check_change(&peer, &doc, c, sig, directory.as_ref());
+        match store.receive_sync_message(&doc, self.peer.key, &mut ds.state, message, sigs, &guard) {
             Ok(r) => {
                 if r.applied {
                     ds.rounds = 0;
@@ -520,7 +527,13 @@ impl Session {
             );
             return Ok(None);
         }
-        let frame = Frame::Sync { doc: id.clone(), msg: msg.encode() }.encode();
+        let hashes: Vec<_> = crate::store::message_changes(&msg)
+            .map_err(|reason| SessionError::Store(StoreError::Sync { id: id.clone(), reason }))?
+            .iter()
+            .map(automerge::Change::hash)
+            .collect();
+        let sigs = store.signatures(&hashes).map_err(SessionError::Store)?;
+        let frame = Frame::Sync { doc: id.clone(), sigs, msg: msg.encode() }.encode();
         if frame.len() > self.peer_max_frame + 4 {
             let ds = Self::doc_sync(&mut self.docs, store, &self.peer, id);
             ds.disabled = true;
@@ -597,14 +610,19 @@ mod tests {
     use super::*;
     use crate::authz::StaticDirectory;
     use crate::docs::device;
+    use crate::identity::NodeKey;
     use schemas::device::FieldValue;
     use schemas::ids::Role;
     use schemas::time::Timestamp;
 
+    fn stores() -> (DocStore, DocStore) {
+        (DocStore::in_memory(NodeKey::from_bytes([1; 32])), DocStore::in_memory(NodeKey::from_bytes([2; 32])))
+    }
+
     fn pair() -> (Arc<Authz>, Arc<Authz>, Arc<dyn Directory>) {
-        let hub = PeerInfo { key: schemas::identity::EndpointKey([1; 32]), role: Role::Hub, tenant: None, site: None };
+        let hub = PeerInfo { key: NodeKey::from_bytes([1; 32]).public(), role: Role::Hub, tenant: None, site: None };
         let edge = PeerInfo {
-            key: schemas::identity::EndpointKey([2; 32]),
+            key: NodeKey::from_bytes([2; 32]).public(),
             role: Role::Edge,
             tenant: "acme".parse().ok(),
             site: "s1".parse().ok(),
@@ -640,8 +658,7 @@ mod tests {
     #[test]
     fn live_change_reaches_peer() {
         let (ha, ea, dir) = pair();
-        let hs = DocStore::in_memory(crate::identity::actor_for(&ha.local.key, [0; 8]));
-        let es = DocStore::in_memory(crate::identity::actor_for(&ea.local.key, [0; 8]));
+        let (hs, es) = stores();
         let now = Instant::now();
         let mut h = Session::new(SessionConfig::default(), ha.clone(), dir.clone(), ea.local.clone(), &hs, now);
         let mut e = Session::new(SessionConfig::default(), ea.clone(), dir.clone(), ha.local.clone(), &es, now);
@@ -658,8 +675,7 @@ mod tests {
     #[test]
     fn concurrent_edits_on_both_sides_converge() {
         let (ha, ea, dir) = pair();
-        let hs = DocStore::in_memory(crate::identity::actor_for(&ha.local.key, [0; 8]));
-        let es = DocStore::in_memory(crate::identity::actor_for(&ea.local.key, [0; 8]));
+        let (hs, es) = stores();
         let t0 = Instant::now();
         let mut h = Session::new(SessionConfig::default(), ha.clone(), dir.clone(), ea.local.clone(), &hs, t0);
         let mut e = Session::new(SessionConfig::default(), ea.clone(), dir.clone(), ha.local.clone(), &es, t0);

@@ -10,6 +10,11 @@
 //! | `chunk` | doc id, 0, seq (u64 BE) | `save_after(previous heads)`: changes since the previous chunk |
 //! | `heads` | doc id | the document's heads (n x 32 bytes): the manifest reads these without loading documents |
 //! | `sync` | peer key (32 bytes), doc id | `sync::State::encode()` |
+//! | `sig` | change hash | the author's ed25519 signature of the change hash (see [`change_sign_payload`]) |
+//!
+//! Every change this store commits is signed with the node key; every
+//! change it accepts from a peer carries its author's signature, which is
+//! kept so the change can be relayed to others with its proof.
 //!
 //! A change is written as one atomic batch (chunk + heads). It is durable
 //! ("acknowledged") once [`DocStore::flush`] returns.
@@ -26,6 +31,7 @@ use schemas::time::{MS_PER_DAY, Timestamp};
 use tokio::sync::broadcast;
 
 use crate::docs::{DocError, genesis};
+use crate::identity::NodeKey;
 use crate::storage::{Op, Storage, StorageError};
 
 /// Why a store operation failed.
@@ -130,6 +136,7 @@ pub struct StoreStats {
 /// The document store. Cheap to share (`Arc`); all methods take `&self`.
 pub struct DocStore {
     storage: Arc<dyn Storage>,
+    key: NodeKey,
     actor: ActorId,
     cfg: StoreConfig,
     inner: Mutex<Inner>,
@@ -169,6 +176,16 @@ fn decode_heads(b: &[u8]) -> Option<Vec<ChangeHash>> {
     b.chunks(32).map(|c| c.try_into().ok().map(ChangeHash)).collect()
 }
 
+/// The bytes a change's author signs: a domain tag and the change hash.
+pub fn change_sign_payload(hash: &ChangeHash) -> Vec<u8> {
+    let mut v = b"fieldsync/change/v1\0".to_vec();
+    v.extend_from_slice(&hash.0);
+    v
+}
+
+/// A signature slot for a change that needs none (genesis) or has none.
+pub const NO_SIGNATURE: [u8; 64] = [0; 64];
+
 /// A short digest of a set of heads (order-independent).
 pub fn heads_digest(heads: &[ChangeHash]) -> [u8; 32] {
     let mut sorted = heads.to_vec();
@@ -181,8 +198,9 @@ pub fn heads_digest(heads: &[ChangeHash]) -> [u8; 32] {
 }
 
 impl DocStore {
-    /// Open a store over `storage`, writing local changes as `actor`.
-    pub fn open(storage: Arc<dyn Storage>, actor: ActorId, cfg: StoreConfig) -> Result<DocStore, StoreError> {
+    /// Open a store over `storage`, writing local changes as `actor` and
+    /// signing them with `key` (the actor must belong to the key).
+    pub fn open(storage: Arc<dyn Storage>, key: NodeKey, actor: ActorId, cfg: StoreConfig) -> Result<DocStore, StoreError> {
         let mut inner = Inner::default();
         for (k, v) in storage.scan_prefix("heads", b"")? {
             let Ok(text) = String::from_utf8(k) else { continue };
@@ -198,15 +216,16 @@ impl DocStore {
             }
         }
         let (changes, _) = broadcast::channel(4096);
-        Ok(DocStore { storage, actor, cfg, inner: Mutex::new(inner), changes })
+        Ok(DocStore { storage, key, actor, cfg, inner: Mutex::new(inner), changes })
     }
 
-    /// An in-memory store (tests, simulations).
-    pub fn in_memory(actor: ActorId) -> DocStore {
+    /// An in-memory store (tests, simulations), with a fresh actor of `key`.
+    pub fn in_memory(key: NodeKey) -> DocStore {
         let (changes, _) = broadcast::channel(4096);
         DocStore {
             storage: Arc::new(crate::storage::MemStorage::new()),
-            actor,
+            actor: key.new_actor(),
+            key,
             cfg: StoreConfig::default(),
             inner: Mutex::new(Inner::default()),
             changes,
@@ -215,6 +234,24 @@ impl DocStore {
 
     pub fn actor(&self) -> &ActorId {
         &self.actor
+    }
+
+    pub fn key(&self) -> &NodeKey {
+        &self.key
+    }
+
+    /// The stored signature of each change (or [`NO_SIGNATURE`]).
+    pub fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<[u8; 64]>, StoreError> {
+        hashes
+            .iter()
+            .map(|h| {
+                Ok(self
+                    .storage
+                    .get("sig", &h.0)?
+                    .and_then(|v| <[u8; 64]>::try_from(v.as_slice()).ok())
+                    .unwrap_or(NO_SIGNATURE))
+            })
+            .collect()
     }
 
     /// Subscribe to change notifications. A lagged receiver must assume
@@ -390,8 +427,11 @@ impl DocStore {
                 return Err(StoreError::Doc { id: id.clone(), source });
             }
         };
-        e.doc.commit_with(CommitOptions::default().with_time(now.as_millis() / 1000));
-        let changed = match self.persist(&mut g, id, Vec::new()) {
+        let hash = e.doc.commit_with(CommitOptions::default().with_time(now.as_millis() / 1000));
+        let sig_ops = hash
+            .map(|h| vec![Op::Put { tree: "sig", key: h.0.to_vec(), value: self.key.sign(&change_sign_payload(&h)).to_vec() }])
+            .unwrap_or_default();
+        let changed = match self.persist(&mut g, id, sig_ops) {
             Ok(c) => c,
             Err(err) => {
                 // Not persisted: drop the in-memory copy so memory never
@@ -428,29 +468,40 @@ impl DocStore {
         Ok(e.doc.sync().generate_sync_message(state))
     }
 
-    /// Apply a sync message from `peer`. Every change in it that this
-    /// document does not have yet is shown to `guard` first; if the guard
-    /// refuses any, nothing is applied.
+    /// Apply a sync message from `peer`. `sigs` holds one signature per
+    /// change of the message, in message order ([`message_changes`]). Every
+    /// change this document does not have yet is shown to `guard` with its
+    /// signature first; if the guard refuses any, nothing is applied.
     pub fn receive_sync_message(
         &self,
         id: &DocId,
         peer: EndpointKey,
         state: &mut sync::State,
         msg: sync::Message,
-        guard: &dyn Fn(&Change) -> Result<(), String>,
+        sigs: &[[u8; 64]],
+        guard: &dyn Fn(&Change, &[u8; 64]) -> Result<(), String>,
     ) -> Result<Received, StoreError> {
         let mut g = self.lock();
         let Some(e) = self.entry(&mut g, id, true)? else { return Ok(Received::default()) };
         let mut new_changes = 0;
-        for chunk in msg.changes.iter() {
-            for change in decode_chunk(chunk).map_err(|reason| StoreError::Sync { id: id.clone(), reason })? {
-                if e.doc.get_change_by_hash(&change.hash()).is_some() {
-                    continue;
-                }
-                new_changes += 1;
-                if let Err(reason) = guard(&change) {
-                    return Err(StoreError::Refused { id: id.clone(), hash: change.hash().to_string(), reason });
-                }
+        let changes = message_changes(&msg).map_err(|reason| StoreError::Sync { id: id.clone(), reason })?;
+        if changes.len() != sigs.len() {
+            return Err(StoreError::Sync {
+                id: id.clone(),
+                reason: format!("{} changes but {} signatures", changes.len(), sigs.len()),
+            });
+        }
+        let mut sig_ops = Vec::new();
+        for (change, sig) in changes.iter().zip(sigs) {
+            if e.doc.get_change_by_hash(&change.hash()).is_some() {
+                continue;
+            }
+            new_changes += 1;
+            if let Err(reason) = guard(change, sig) {
+                return Err(StoreError::Refused { id: id.clone(), hash: change.hash().to_string(), reason });
+            }
+            if *sig != NO_SIGNATURE {
+                sig_ops.push(Op::Put { tree: "sig", key: change.hash().0.to_vec(), value: sig.to_vec() });
             }
         }
         let before = e.doc.get_heads();
@@ -459,8 +510,8 @@ impl DocStore {
             .receive_sync_message(state, msg)
             .map_err(|err| StoreError::Sync { id: id.clone(), reason: err.to_string() })?;
         let applied = e.doc.get_heads() != before;
-        let sync_op = Op::Put { tree: "sync", key: sync_key(&peer, id), value: state.encode() };
-        let changed = self.persist(&mut g, id, vec![sync_op])?;
+        sig_ops.push(Op::Put { tree: "sync", key: sync_key(&peer, id), value: state.encode() });
+        let changed = self.persist(&mut g, id, sig_ops)?;
         drop(g);
         if changed {
             let _ = self.changes.send(Changed { id: id.clone(), origin: Origin::Peer(peer) });
@@ -492,6 +543,15 @@ impl DocStore {
             _ => 0,
         }
     }
+}
+
+/// The changes a sync message carries, in order.
+pub fn message_changes(msg: &sync::Message) -> Result<Vec<Change>, String> {
+    let mut out = Vec::new();
+    for chunk in msg.changes.iter() {
+        out.extend(decode_chunk(chunk)?);
+    }
+    Ok(out)
 }
 
 /// Decode the change data of a sync message into changes. The data is a
@@ -546,8 +606,14 @@ mod tests {
         "t/acme/s/s1/dev/pump-1".parse().unwrap()
     }
 
-    fn actor(n: u8) -> ActorId {
-        ActorId::from(vec![n; 40])
+    fn key(n: u8) -> NodeKey {
+        NodeKey::from_bytes([n; 32])
+    }
+
+    fn open(mem: &MemStorage, cfg: StoreConfig) -> DocStore {
+        let k = key(1);
+        let actor = k.new_actor();
+        DocStore::open(Arc::new(mem.clone()), k, actor, cfg).unwrap()
     }
 
     const NOW: Timestamp = Timestamp(1_800_000_000_000);
@@ -557,7 +623,7 @@ mod tests {
         let mem = MemStorage::new();
         let cfg = StoreConfig { compact_after_chunks: 4, ..StoreConfig::default() };
         {
-            let s = DocStore::open(Arc::new(mem.clone()), actor(1), cfg.clone()).unwrap();
+            let s = open(&mem, cfg.clone());
             for i in 0..10 {
                 s.change(&id(), NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Number(f64::from(i)))).unwrap();
             }
@@ -565,7 +631,7 @@ mod tests {
         }
         let chunks = mem.scan_prefix("chunk", b"").unwrap().len();
         assert!(chunks < 4, "compaction keeps chunks bounded, found {chunks}");
-        let s = DocStore::open(Arc::new(mem), actor(1), cfg).unwrap();
+        let s = open(&mem, cfg);
         let v = s.read(&id(), |d| device::desired_number(d, "setpoint").unwrap()).unwrap();
         assert_eq!(v, Some(Some(9.0)));
     }
@@ -573,14 +639,14 @@ mod tests {
     #[test]
     fn crash_loses_only_unacknowledged_changes() {
         let mem = MemStorage::new();
-        let s = DocStore::open(Arc::new(mem.clone()), actor(1), StoreConfig::default()).unwrap();
+        let s = open(&mem, StoreConfig::default());
         s.change(&id(), NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Number(1.0))).unwrap();
         s.flush().unwrap(); // acknowledged
         s.change(&id(), NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Number(2.0))).unwrap();
         let acked_heads = {
             let mem2 = mem.clone();
             mem2.crash();
-            let s2 = DocStore::open(Arc::new(mem2), actor(1), StoreConfig::default()).unwrap();
+            let s2 = open(&mem2, StoreConfig::default());
             s2.read(&id(), |d| device::desired_number(d, "setpoint").unwrap()).unwrap()
         };
         assert_eq!(acked_heads, Some(Some(1.0)));
@@ -589,7 +655,7 @@ mod tests {
     #[test]
     fn failed_closure_or_storage_writes_nothing() {
         let mem = MemStorage::new();
-        let s = DocStore::open(Arc::new(mem.clone()), actor(1), StoreConfig::default()).unwrap();
+        let s = open(&mem, StoreConfig::default());
         let e = s.change(&id(), NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Text("hot".into())));
         assert!(matches!(e, Err(StoreError::Doc { .. })));
         assert!(!s.contains(&id()));
@@ -602,7 +668,7 @@ mod tests {
 
     #[test]
     fn sealed_day_documents_refuse_local_writes() {
-        let s = DocStore::in_memory(actor(1));
+        let s = DocStore::in_memory(key(1));
         let day = NOW.day();
         let tel = DocId::telemetry(&"acme".parse().unwrap(), &"s1".parse().unwrap(), &"d".parse().unwrap(), day);
         let r = s.change(&tel, NOW, |_| Ok(()));
@@ -614,7 +680,7 @@ mod tests {
     #[test]
     fn eviction_keeps_memory_under_budget_and_reloads() {
         let cfg = StoreConfig { memory_budget_bytes: 200_000, ..StoreConfig::default() };
-        let s = DocStore::open(Arc::new(MemStorage::new()), actor(1), cfg).unwrap();
+        let s = open(&MemStorage::new(), cfg);
         let ids: Vec<DocId> = (0..50).map(|i| format!("t/acme/s/s1/dev/d{i}").parse().unwrap()).collect();
         for (i, id) in ids.iter().enumerate() {
             s.change(id, NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Number(i as f64))).unwrap();

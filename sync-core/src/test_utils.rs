@@ -71,6 +71,7 @@ impl Default for SimConfig {
 
 struct Node {
     info: PeerInfo,
+    key: NodeKey,
     storage: MemStorage,
     store: Arc<DocStore>,
     authz: Arc<Authz>,
@@ -130,14 +131,15 @@ impl Sim {
         let mut directory = StaticDirectory::default();
         let mut infos = Vec::new();
         for i in 0..=cfg.edges {
-            let key = NodeKey::from_bytes(rng.random::<[u8; 32]>()).public();
+            let node_key = NodeKey::from_bytes(rng.random::<[u8; 32]>());
+            let key = node_key.public();
             let info = if i == 0 {
                 PeerInfo { key, role: Role::Hub, tenant: None, site: None }
             } else {
                 PeerInfo { key, role: Role::Edge, tenant: Some(tenant.clone()), site: Some(site.clone()) }
             };
             directory.insert(info.clone());
-            infos.push(info);
+            infos.push((info, node_key));
         }
         let hub_scope = HubScope {
             tier: HubTier::Regional,
@@ -166,13 +168,13 @@ impl Sim {
             limits: Vec::new(),
             cfg,
         };
-        for (i, info) in infos.into_iter().enumerate() {
+        for (i, (info, key)) in infos.into_iter().enumerate() {
             let scope = (i == 0).then(|| hub_scope.clone());
             let storage = MemStorage::new();
             let authz = Arc::new(Authz::new(info.clone(), scope));
-            let store = sim.open_store(&storage, &info);
+            let store = sim.open_store(&storage, &key);
             let feed = store.subscribe();
-            sim.nodes.push(Node { info, storage, store, authz, feed, alive: true, acked: BTreeMap::new() });
+            sim.nodes.push(Node { info, key, storage, store, authz, feed, alive: true, acked: BTreeMap::new() });
         }
         for a in 0..sim.nodes.len() {
             for b in a + 1..sim.nodes.len() {
@@ -182,9 +184,9 @@ impl Sim {
         sim
     }
 
-    fn open_store(&mut self, storage: &MemStorage, info: &PeerInfo) -> Arc<DocStore> {
-        let actor = actor_for(&info.key, self.rng.random::<[u8; 8]>());
-        match DocStore::open(Arc::new(storage.clone()), actor, StoreConfig::default()) {
+    fn open_store(&mut self, storage: &MemStorage, key: &NodeKey) -> Arc<DocStore> {
+        let actor = actor_for(&key.public(), self.rng.random::<[u8; 8]>());
+        match DocStore::open(Arc::new(storage.clone()), key.clone(), actor, StoreConfig::default()) {
             Ok(s) => Arc::new(s),
             Err(e) => panic!("simulated store failed to open: {e}"),
         }
@@ -267,8 +269,8 @@ impl Sim {
 
     fn restart(&mut self, n: usize) {
         let storage = self.nodes[n].storage.clone();
-        let info = self.nodes[n].info.clone();
-        let store = self.open_store(&storage, &info);
+        let key = self.nodes[n].key.clone();
+        let store = self.open_store(&storage, &key);
         let node = &mut self.nodes[n];
         node.feed = store.subscribe();
         node.store = store;
