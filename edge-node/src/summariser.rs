@@ -797,3 +797,159 @@ mod tests {
         ));
     }
 }
+
+pub mod pipeline {
+    //! The IO driver around the [`Summariser`] state machine: reads durable
+    //! samples from the [`RawZone`], writes flushes to a [`RollupSink`],
+    //! persists the checkpoint, and keeps the raw zone's retention behind the
+    //! replay point. Blocking (file IO and fsync): run it on a blocking
+    //! thread (`spawn_blocking`), never on a control loop.
+
+    use std::path::PathBuf;
+
+    use schemas::time::Timestamp;
+
+    use super::SummariserError;
+    use super::{Checkpoint, CheckpointError, Flush, RollupSink, Summariser, SummariserConfig};
+    use crate::raw_zone::{RawZone, RawZoneError, RetentionReport};
+
+    /// Why a pipeline step failed. Nothing is lost: a failed write is
+    /// retried by the next step.
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum PipelineError<E: std::error::Error + 'static> {
+        /// Reading samples or enforcing retention failed.
+        #[error("raw zone: {0}")]
+        Raw(#[from] RawZoneError),
+        /// The checkpoint could not be read or saved.
+        #[error("summariser checkpoint: {0}")]
+        Checkpoint(#[from] CheckpointError),
+        /// The rollup sink refused a batch (it will be retried).
+        #[error("writing rollups: {0}")]
+        Sink(#[source] E),
+        /// The summariser refused a sample (a bug: seqs out of order).
+        #[error("summariser: {0}")]
+        Summariser(#[from] SummariserError),
+    }
+
+    /// What one step did.
+    #[derive(Debug, Clone, Default, PartialEq)]
+    pub struct StepReport {
+        /// Samples read from the raw zone and summarised.
+        pub ingested: usize,
+        /// Rollups written (overwritten) in the sink.
+        pub written: usize,
+        /// The checkpoint persisted by this step, if a flush completed.
+        pub checkpoint: Option<Checkpoint>,
+    }
+
+    /// Raw zone -> summariser -> sink, with the checkpoint on disk.
+    #[derive(Debug)]
+    pub struct Pipeline<S> {
+        zone: RawZone,
+        sm: Summariser,
+        sink: S,
+        ck_path: PathBuf,
+        persisted: Checkpoint,
+        pending: Option<Flush>,
+    }
+
+    impl<S> Pipeline<S>
+    where
+        S: RollupSink,
+        S::Error: std::error::Error + 'static,
+    {
+        /// Resume from the checkpoint at `ck_path` (none: a fresh node) and
+        /// replay the raw zone from its replay point.
+        pub fn open(
+            zone: RawZone,
+            ck_path: impl Into<PathBuf>,
+            cfg: SummariserConfig,
+            sink: S,
+        ) -> Result<Self, PipelineError<S::Error>> {
+            let ck_path = ck_path.into();
+            let persisted = Checkpoint::load(&ck_path)?.unwrap_or_default();
+            let sm = Summariser::resume(cfg, persisted)?;
+            let mut p = Pipeline {
+                zone,
+                sm,
+                sink,
+                ck_path,
+                persisted,
+                pending: None,
+            };
+            p.ingest()?;
+            Ok(p)
+        }
+
+        fn ingest(&mut self) -> Result<usize, PipelineError<S::Error>> {
+            let mut n = 0;
+            for r in self.zone.read_from(self.sm.next_seq()) {
+                let (seq, s) = r?;
+                self.sm.handle_sample(seq, &s)?;
+                n += 1;
+            }
+            Ok(n)
+        }
+
+        /// Summarise what is new and, when due, write and checkpoint a flush.
+        pub fn step(&mut self, now: Timestamp) -> Result<StepReport, PipelineError<S::Error>> {
+            let ingested = self.ingest()?;
+            if self.pending.is_none() {
+                self.pending = self.sm.poll_flush(now);
+            }
+            let mut report = StepReport {
+                ingested,
+                ..StepReport::default()
+            };
+            if let Some(f) = &self.pending {
+                self.sink
+                    .write_rollups(&f.writes)
+                    .map_err(PipelineError::Sink)?;
+                f.checkpoint.save(&self.ck_path)?;
+                report.written = f.writes.len();
+                report.checkpoint = Some(f.checkpoint);
+                self.persisted = f.checkpoint;
+                self.pending = None;
+                self.sm.handle_flushed();
+            }
+            Ok(report)
+        }
+
+        /// Write everything dirty now (e.g. before shutdown).
+        pub fn flush_all(&mut self, now: Timestamp) -> Result<StepReport, PipelineError<S::Error>> {
+            let ingested = self.ingest()?;
+            if self.pending.is_none() {
+                self.pending = self.sm.force_flush(now);
+            }
+            let mut r = self.step(now)?;
+            r.ingested += ingested;
+            Ok(r)
+        }
+
+        /// Raw-zone retention that never deletes what a restart would need.
+        pub fn enforce_retention(
+            &self,
+            now: Timestamp,
+        ) -> Result<RetentionReport, PipelineError<S::Error>> {
+            Ok(self
+                .zone
+                .enforce_retention(now, self.persisted.replay_from)?)
+        }
+
+        /// The sink (to read what was written).
+        pub fn sink(&self) -> &S {
+            &self.sink
+        }
+
+        /// The state machine (for status pages).
+        pub fn summariser(&self) -> &Summariser {
+            &self.sm
+        }
+
+        /// Stop, returning the raw zone and the sink.
+        pub fn into_parts(self) -> (RawZone, S) {
+            (self.zone, self.sink)
+        }
+    }
+}

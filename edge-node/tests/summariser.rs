@@ -406,3 +406,95 @@ fn kill9_summariser_counts_every_acknowledged_sample_once() {
     );
     z.close();
 }
+
+/// A sink that refuses the next `fail` batches.
+struct FlakySink {
+    store: MemoryRollupStore,
+    fail: usize,
+}
+
+impl RollupSink for FlakySink {
+    type Error = std::io::Error;
+    fn write_rollups(
+        &mut self,
+        writes: &[edge_node::summariser::RollupWrite],
+    ) -> Result<(), std::io::Error> {
+        if self.fail > 0 {
+            self.fail -= 1;
+            return Err(std::io::Error::other("document store unavailable"));
+        }
+        let _ = self.store.write_rollups(writes);
+        Ok(())
+    }
+}
+
+#[test]
+fn pipeline_survives_sink_failures_and_restarts() {
+    use edge_node::summariser::pipeline::{Pipeline, PipelineError};
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw");
+    let ck = dir.path().join("ck.json");
+    let opts = RawZoneOptions {
+        segment_bytes: 4096,
+        ..RawZoneOptions::default()
+    };
+    let (z, _) = RawZone::open(&raw, opts.clone()).unwrap();
+    let mut p = Pipeline::open(
+        z.clone(),
+        &ck,
+        cfg(),
+        FlakySink {
+            store: MemoryRollupStore::default(),
+            fail: 0,
+        },
+    )
+    .unwrap();
+    let mut failures = 0;
+    let mut i = 0u64;
+    for round in 0..2 {
+        for _ in 0..40 {
+            for _ in 0..50 {
+                z.try_append(sample_of(i)).unwrap().blocking_wait().unwrap();
+                i += 1;
+            }
+            if i.is_multiple_of(700) {
+                // The document store goes away for two steps.
+                let (zz, mut sink) = p.into_parts();
+                sink.fail = 2;
+                p = Pipeline::open(zz, &ck, cfg(), sink).unwrap();
+            }
+            match p.step(Timestamp(now_of(i))) {
+                Ok(_) => {}
+                Err(PipelineError::Sink(e)) => {
+                    assert!(e.to_string().contains("unavailable"));
+                    failures += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Retention never removes what a restart would replay.
+        let rep = p
+            .enforce_retention(Timestamp(now_of(i) + 30 * 86_400_000))
+            .unwrap();
+        let replay_from = Checkpoint::load(&ck).unwrap().unwrap().replay_from;
+        assert!(z.first_seq() <= replay_from, "{rep:?}");
+        if round == 0 {
+            // Crash: drop everything without a final flush, restart.
+            let (zz, sink) = p.into_parts();
+            drop(zz);
+            p = Pipeline::open(z.clone(), &ck, cfg(), sink).unwrap();
+        }
+    }
+    assert!(failures >= 2, "the sink failed and was retried");
+    p.flush_all(Timestamp(now_of(i) + 86_400_000)).unwrap();
+    // Retention deleted old raw segments; the rollups still count every
+    // sample ever appended (seq j is sample j), once.
+    let first = z.first_seq();
+    assert!(first > 0, "retention ran");
+    let stored: Vec<(u64, Sample)> = z.read_from(0).map(|r| r.unwrap()).collect();
+    assert_eq!(stored.first().map(|r| r.0), Some(first));
+    let all: Vec<Sample> = (0..i).map(sample_of).collect();
+    let got = merge_parts(&p.sink().store.rollups);
+    let want = summarise_all(&all, cfg().window_ms);
+    assert_eq!(got, want);
+}
