@@ -385,3 +385,178 @@ fn compaction_forgets_only_long_expired_ids() {
     assert_eq!(res.status, CommandStatus::Expired);
     assert_eq!(act.calls(), 2);
 }
+
+// ------------------------------------------------------------ kill -9 test
+
+const CHILD_ENV: &str = "FIELDSYNC_COMMANDS_CHILD_DIR";
+const N_COMMANDS: usize = 3000;
+
+/// Records each effect as a fsynced line, like a device that remembers.
+struct FileActuator {
+    file: Mutex<std::fs::File>,
+}
+
+impl FileActuator {
+    fn open(path: &std::path::Path) -> FileActuator {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        FileActuator {
+            file: Mutex::new(file),
+        }
+    }
+    fn effect(&self, what: String) -> Result<(), ActuatorError> {
+        use std::io::Write;
+        let mut f = self.file.lock().unwrap();
+        f.write_all(format!("{what}\n").as_bytes())
+            .and_then(|()| f.sync_data())
+            .map_err(|e| ActuatorError(e.to_string()))
+    }
+}
+
+impl Actuator for FileActuator {
+    async fn write_coil(
+        &self,
+        _: &DeviceId,
+        _: &RegisterSpec,
+        v: bool,
+    ) -> Result<(), ActuatorError> {
+        self.effect(format!("coil {v}"))
+    }
+    async fn write_register(
+        &self,
+        _: &DeviceId,
+        _: &RegisterSpec,
+        v: f64,
+    ) -> Result<(), ActuatorError> {
+        // The value carries the command number.
+        self.effect(format!("c-{v}"))
+    }
+    async fn set_desired(
+        &self,
+        _: &DeviceId,
+        _: &FieldSpec,
+        _: &FieldValue,
+    ) -> Result<(), ActuatorError> {
+        self.effect("desired".into())
+    }
+}
+
+fn numbered(k: usize) -> Command {
+    let mut c = cmd(&format!("c-{k}"));
+    c.action = CommandAction::WriteRegister {
+        register: "speed".into(),
+        value: k as f64,
+    };
+    c
+}
+
+/// Deliver every command (each twice), printing `DONE k` as results come.
+fn commands_child(dir: &std::path::Path) {
+    let (mut ex, _) = executor(&dir.join("ledger"));
+    let act = FileActuator::open(&dir.join("effects"));
+    let r = rt();
+    let mut out = std::io::stdout();
+    for k in 0..N_COMMANDS {
+        for c in [numbered(k), numbered(k.saturating_sub(1))] {
+            let res = r.block_on(ex.handle(&c, NOW, &Devices, &act));
+            use std::io::Write;
+            writeln!(out, "DONE {} {:?}", res.command_id, res.status).unwrap();
+            out.flush().unwrap();
+        }
+    }
+}
+
+fn run_commands_child(dir: &std::path::Path, min_done: usize) -> usize {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new(exe)
+        .args([
+            "kill9_commands_run_at_most_once",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("DONE ") && tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut done = 0;
+    while done < min_done {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(()) => done += 1,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("child reported only {done} results: {e}");
+            }
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reader.join().unwrap();
+    done + rx.try_iter().count()
+}
+
+#[test]
+fn kill9_commands_run_at_most_once() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        commands_child(std::path::Path::new(&dir));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for round in 1..=3 {
+        run_commands_child(dir.path(), 150 * round);
+    }
+    // Final restart in process: redeliver everything with a counting
+    // actuator; only ids never started may run now.
+    let (mut ex, interrupted) = executor(&dir.path().join("ledger"));
+    let effects = std::fs::read_to_string(dir.path().join("effects")).unwrap();
+    let mut effect_count = std::collections::HashMap::<String, usize>::new();
+    for line in effects.lines() {
+        *effect_count.entry(line.to_string()).or_default() += 1;
+    }
+    for (id, n) in &effect_count {
+        assert_eq!(*n, 1, "{id} executed {n} times before the final restart");
+    }
+    assert!(effect_count.len() >= 150, "children executed commands");
+    let act = Counting::default();
+    let r = rt();
+    let mut interrupted_seen = 0;
+    for k in 0..N_COMMANDS {
+        let c = numbered(k);
+        let before = act.calls();
+        let res = r.block_on(ex.handle(&c, NOW, &Devices, &act));
+        let ran_now = act.calls() > before;
+        let ran_before = effect_count.contains_key(&c.id);
+        assert!(!(ran_now && ran_before), "{} executed twice", c.id);
+        if res.reason == INTERRUPTED {
+            interrupted_seen += 1;
+            assert!(!ran_now, "an interrupted command is never rerun");
+        } else {
+            assert_eq!(res.status, CommandStatus::Succeeded, "{res:?}");
+            assert!(ran_now || ran_before, "{} never executed", c.id);
+        }
+    }
+    eprintln!(
+        "{} executed by children, {interrupted_seen} interrupted, {} run at the end",
+        effect_count.len(),
+        act.calls()
+    );
+    // Interrupted commands found at the final open are among those seen.
+    assert!(interrupted.len() <= interrupted_seen);
+}
