@@ -2,7 +2,10 @@
 pub mod analytics;
 pub mod api;
 pub mod audit;
+pub mod dashboard;
+pub mod fleet_store;
 pub mod keys;
 pub mod registry;
 pub mod rollout;
 pub mod tokens;
+pub mod users;

@@ -1,0 +1,1 @@
+// fieldsync dashboard (filled in next)
