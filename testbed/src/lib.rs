@@ -11,6 +11,8 @@
 //! - [`clock`]: the simulated clock that advances devices at a time scale.
 //! - [`fleet`]: start the devices of an edge config, inject faults by
 //!   control line.
+//! - [`up`]: `testbed up`, a hub, edge nodes (child processes) and their
+//!   devices from one command.
 //!
 //! ```
 //! use std::time::Duration;
@@ -30,3 +32,4 @@ pub mod maps;
 pub mod physics;
 pub mod rng;
 pub mod server;
+pub mod up;

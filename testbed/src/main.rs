@@ -1,7 +1,7 @@
 //! `testbed`: run simulated Modbus devices for fieldsync.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,12 +9,18 @@ use clap::{Parser, Subcommand};
 use schemas::config::EdgeConfig;
 use testbed::fleet::{FleetOptions, RunningFleet, start_fleet};
 use testbed::maps::{edge_config_toml, fleet};
+use testbed::up::plan::Shape;
+use testbed::up::{UpOptions, fresh_run_dir, up};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Simulated industrial devices for fieldsync: real Modbus TCP servers with
 /// seeded physics (cold rooms, pump stations, energy meters).
 ///
-/// Quick start:
+/// Whole local fleet (hub, edges, devices):
+///
+///   cargo build -p cloud-hub -p edge-node --bins && testbed up
+///
+/// Devices only, for a real edge node:
 ///
 ///   testbed example-config --devices 3 > edge.toml
 ///
@@ -32,6 +38,53 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a whole local fleet: one cloud-hub serving two tenants in two
+    /// regions, edge nodes (child processes) and their simulated devices.
+    ///
+    /// Writes configs, logs and data under --data-dir, enrols every edge
+    /// with a join token, shows progress while the fleet comes up, prints the
+    /// hub dashboard URL with an admin token and each edge's local UI, then
+    /// runs until Ctrl-C (or SIGTERM) and stops everything it started.
+    ///
+    ///   cargo build -p cloud-hub -p edge-node --bins
+    ///   cargo run -p testbed -- up
+    #[command(verbatim_doc_comment)]
+    Up {
+        /// Number of sites (dealt in turn to the tenants acme/eu, globex/us).
+        #[arg(long, default_value_t = 3)]
+        sites: usize,
+        /// Edge nodes per site.
+        #[arg(long, default_value_t = 1)]
+        edges: usize,
+        /// Simulated devices per edge (cycling cold room, pump, meter).
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// Tenants (1 or 2).
+        #[arg(long, default_value_t = 2)]
+        tenants: usize,
+        /// Data directory: absent, empty or a previous run (default: a fresh
+        /// ./testbed-data/run-N).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Master seed of the simulated devices.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Simulated seconds per real second.
+        #[arg(long, default_value_t = 10.0)]
+        time_scale: f64,
+        /// The cloud-hub binary (default: next to this one, else on PATH).
+        #[arg(long)]
+        hub_bin: Option<PathBuf>,
+        /// The edge-node binary (default: next to this one, else on PATH).
+        #[arg(long)]
+        edge_bin: Option<PathBuf>,
+        /// Edge summariser window in seconds (must divide a day).
+        #[arg(long, default_value_t = 60)]
+        window_s: u64,
+        /// Seconds each process may take to get ready.
+        #[arg(long, default_value_t = 60)]
+        ready_timeout_s: u64,
+    },
     /// Serve one simulated device per [[devices]] entry of an edge config,
     /// on its configured addr, until Ctrl-C.
     ///
@@ -90,8 +143,80 @@ fn main() {
     }
 }
 
+/// `name` next to the running executable, else the first on PATH, else
+/// the path next to the executable (so the error names where it looked).
+fn find_bin(name: &str) -> PathBuf {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)));
+    if let Some(p) = beside.as_ref().filter(|p| p.is_file()) {
+        return p.clone();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .or(beside)
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+async fn stop_signal() {
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            if let Err(e) = r {
+                eprintln!("error: wait for Ctrl-C: {e}");
+            }
+        }
+        r = terminated() => {
+            if let Err(e) = r {
+                eprintln!("error: {e:#}");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Up {
+            sites,
+            edges,
+            devices,
+            tenants,
+            data_dir,
+            seed,
+            time_scale,
+            hub_bin,
+            edge_bin,
+            window_s,
+            ready_timeout_s,
+        } => {
+            let opts = UpOptions {
+                shape: Shape {
+                    sites,
+                    edges_per_site: edges,
+                    devices_per_edge: devices,
+                    tenants,
+                },
+                data_dir: data_dir.unwrap_or_else(|| fresh_run_dir(Path::new("testbed-data"))),
+                seed,
+                time_scale,
+                hub_bin: hub_bin.unwrap_or_else(|| find_bin("cloud-hub")),
+                edge_bin: edge_bin.unwrap_or_else(|| find_bin("edge-node")),
+                summary_window_s: window_s,
+                ready_timeout: Duration::from_secs(ready_timeout_s.max(1)),
+                stop_grace: Duration::from_secs(10),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("start the async runtime")?;
+            rt.block_on(up(&opts, stop_signal()))
+                .context("testbed up")?;
+            Ok(())
+        }
         Command::ExampleConfig { devices, base_port } => {
             anyhow::ensure!(
                 (1..=1000).contains(&devices),
