@@ -335,6 +335,9 @@ pub struct EdgeConfig {
     pub raw: RawSection,
     #[serde(default)]
     pub summariser: SummariserSection,
+    /// Devices that push over MQTT or HTTP.
+    #[serde(default)]
+    pub ingest: crate::ingest::IngestSection,
 }
 
 impl EdgeConfig {
@@ -379,6 +382,7 @@ impl EdgeConfig {
             alarms,
             raw,
             summariser,
+            ingest,
         } = self;
         for (i, p) in peers.iter().enumerate() {
             if peers[..i].iter().any(|q| q.endpoint_id == p.endpoint_id) {
@@ -527,6 +531,7 @@ impl EdgeConfig {
                 ),
             ));
         }
+        ingest.validate()?;
         Ok(())
     }
 }

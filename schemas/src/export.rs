@@ -27,6 +27,9 @@ pub fn all_schemas() -> Vec<(&'static str, Schema)> {
         ("join-token-claims", s::<crate::identity::JoinTokenClaims>()),
         ("edge-config", s::<crate::config::EdgeConfig>()),
         ("hub-config", s::<crate::config::HubConfig>()),
+        ("ingest-section", s::<crate::ingest::IngestSection>()),
+        ("ingest-batch", s::<crate::ingest::IngestBatch>()),
+        ("quarantine-entry", s::<crate::ingest::QuarantineEntry>()),
     ]
 }
 

@@ -21,6 +21,7 @@ pub mod device;
 pub mod export;
 pub mod identity;
 pub mod ids;
+pub mod ingest;
 pub mod metrics;
 pub mod policy;
 pub mod registers;

@@ -103,5 +103,5 @@ fn export_command_writes_files() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dir.path().join("edge-config.schema.json").exists());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote 16 schemas"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote 19 schemas"));
 }
