@@ -37,7 +37,9 @@ pub struct HubScope {
 impl HubScope {
     /// Whether this hub may hold documents of `tenant`.
     pub fn serves(&self, tenant: &TenantId) -> bool {
-        self.tenant_regions.get(tenant).is_some_and(|r| self.regions.contains(r))
+        self.tenant_regions
+            .get(tenant)
+            .is_some_and(|r| self.regions.contains(r))
     }
 }
 
@@ -165,7 +167,10 @@ impl Authz {
         directory: &dyn Directory,
     ) -> Result<(), String> {
         if !self.in_scope(peer, doc) {
-            return Err(format!("{doc} is outside what {} may send", peer.key.short()));
+            return Err(format!(
+                "{doc} is outside what {} may send",
+                peer.key.short()
+            ));
         }
         let actor = change.actor_id();
         if *actor == genesis_actor(doc) {
@@ -178,8 +183,15 @@ impl Authz {
         let Some(author) = key_of_actor(actor) else {
             return Err(format!("actor {actor} is not bound to a node key"));
         };
-        if !crate::identity::verify(&author, &crate::store::change_sign_payload(&change.hash()), sig) {
-            return Err(format!("signature of change by {} does not verify: forged or corrupted", author.short()));
+        if !crate::identity::verify(
+            &author,
+            &crate::store::change_sign_payload(&change.hash()),
+            sig,
+        ) {
+            return Err(format!(
+                "signature of change by {} does not verify: forged or corrupted",
+                author.short()
+            ));
         }
         let author_info = if author == peer.key {
             Some(peer.clone())
@@ -189,10 +201,17 @@ impl Authz {
             directory.author(&author)
         };
         let Some(author_info) = author_info else {
-            return Err(format!("author {} is not an enrolled node (forged or revoked)", author.short()));
+            return Err(format!(
+                "author {} is not an enrolled node (forged or revoked)",
+                author.short()
+            ));
         };
         if !doc.kind().may_write(author_info.role) {
-            return Err(format!("a {} may not write {} documents", author_info.role, doc.kind()));
+            return Err(format!(
+                "a {} may not write {} documents",
+                author_info.role,
+                doc.kind()
+            ));
         }
         if author_info.role == Role::Edge && !Self::may_hold_as(&author_info, None, doc) {
             return Err(format!("edge {} may not write {doc}", author.short()));
@@ -206,18 +225,31 @@ mod tests {
     use super::*;
 
     fn edge(k: u8, t: &str, s: &str) -> PeerInfo {
-        PeerInfo { key: EndpointKey([k; 32]), role: Role::Edge, tenant: t.parse().ok(), site: s.parse().ok() }
+        PeerInfo {
+            key: EndpointKey([k; 32]),
+            role: Role::Edge,
+            tenant: t.parse().ok(),
+            site: s.parse().ok(),
+        }
     }
 
     fn hub(k: u8) -> PeerInfo {
-        PeerInfo { key: EndpointKey([k; 32]), role: Role::Hub, tenant: None, site: None }
+        PeerInfo {
+            key: EndpointKey([k; 32]),
+            role: Role::Hub,
+            tenant: None,
+            site: None,
+        }
     }
 
     fn scope(regions: &[&str], tenants: &[(&str, &str)], tier: HubTier) -> HubScope {
         HubScope {
             tier,
             regions: regions.iter().map(|r| Region::new(*r).unwrap()).collect(),
-            tenant_regions: tenants.iter().map(|(t, r)| (t.parse().unwrap(), Region::new(*r).unwrap())).collect(),
+            tenant_regions: tenants
+                .iter()
+                .map(|(t, r)| (t.parse().unwrap(), Region::new(*r).unwrap()))
+                .collect(),
         }
     }
 
@@ -227,7 +259,14 @@ mod tests {
 
     #[test]
     fn scopes_are_symmetric_between_hub_and_edge() {
-        let h = Authz::new(hub(1), Some(scope(&["eu"], &[("acme", "eu"), ("other", "us")], HubTier::Regional)));
+        let h = Authz::new(
+            hub(1),
+            Some(scope(
+                &["eu"],
+                &[("acme", "eu"), ("other", "us")],
+                HubTier::Regional,
+            )),
+        );
         let e = Authz::new(edge(2, "acme", "s1"), None);
         for doc in [
             "t/acme/s/s1/dev/p",
@@ -237,7 +276,11 @@ mod tests {
             "fleet/identity",
             "t/other/s/s1/dev/p",
         ] {
-            assert_eq!(h.in_scope(&e.local, &d(doc)), e.in_scope(&h.local, &d(doc)), "{doc}");
+            assert_eq!(
+                h.in_scope(&e.local, &d(doc)),
+                e.in_scope(&h.local, &d(doc)),
+                "{doc}"
+            );
         }
         assert!(h.in_scope(&e.local, &d("t/acme/s/s1/tel/p/2026-01-01")));
         assert!(!h.in_scope(&e.local, &d("t/acme/s/s2/dev/p")));
@@ -248,7 +291,10 @@ mod tests {
     #[test]
     fn global_hub_only_sees_aggregates() {
         let g = Authz::new(hub(9), Some(scope(&["eu", "us"], &[], HubTier::Global)));
-        let r = Authz::new(hub(1), Some(scope(&["eu"], &[("acme", "eu")], HubTier::Regional)));
+        let r = Authz::new(
+            hub(1),
+            Some(scope(&["eu"], &[("acme", "eu")], HubTier::Regional)),
+        );
         assert!(r.in_scope(&g.local, &d("t/acme/agg/2026-01-01")));
         assert!(!r.in_scope(&g.local, &d("t/acme/s/s1/dev/p")));
         assert!(!r.in_scope(&g.local, &d("fleet/identity")));

@@ -66,7 +66,9 @@ pub fn genesis(id: &DocId) -> AutoCommit {
     // The genesis change writes the id itself, so documents of different ids
     // never share a genesis hash.
     let ok = doc.put(ROOT, "_id", id.to_string()).is_ok()
-        && top_maps(id.kind()).iter().all(|k| doc.put_object(ROOT, *k, ObjType::Map).is_ok());
+        && top_maps(id.kind())
+            .iter()
+            .all(|k| doc.put_object(ROOT, *k, ObjType::Map).is_ok());
     debug_assert!(ok, "genesis writes to a fresh document cannot fail");
     doc.commit_with(CommitOptions::default().with_time(0));
     doc
@@ -104,28 +106,54 @@ fn field_to_scalar(v: &FieldValue) -> ScalarValue {
     }
 }
 
-fn put_json<T: serde::Serialize>(doc: &mut AutoCommit, obj: &ObjId, key: &str, v: &T) -> Result<(), DocError> {
-    let text = serde_json::to_string(v).map_err(|e| DocError::BadValue { key: key.into(), reason: e.to_string() })?;
+fn put_json<T: serde::Serialize>(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    key: &str,
+    v: &T,
+) -> Result<(), DocError> {
+    let text = serde_json::to_string(v).map_err(|e| DocError::BadValue {
+        key: key.into(),
+        reason: e.to_string(),
+    })?;
     doc.put(obj, key, text)?;
     Ok(())
 }
 
-fn get_json<T: serde::de::DeserializeOwned>(doc: &AutoCommit, obj: &ObjId, key: &str) -> Result<Option<T>, DocError> {
+fn get_json<T: serde::de::DeserializeOwned>(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    key: &str,
+) -> Result<Option<T>, DocError> {
     match doc.get(obj, key)? {
         Some((Value::Scalar(s), _)) => match s.as_ref() {
-            ScalarValue::Str(text) => serde_json::from_str(text)
-                .map(Some)
-                .map_err(|e| DocError::BadValue { key: key.into(), reason: e.to_string() }),
-            other => Err(DocError::BadValue { key: key.into(), reason: format!("expected JSON text, found {other:?}") }),
+            ScalarValue::Str(text) => {
+                serde_json::from_str(text)
+                    .map(Some)
+                    .map_err(|e| DocError::BadValue {
+                        key: key.into(),
+                        reason: e.to_string(),
+                    })
+            }
+            other => Err(DocError::BadValue {
+                key: key.into(),
+                reason: format!("expected JSON text, found {other:?}"),
+            }),
         },
-        Some(_) => Err(DocError::BadValue { key: key.into(), reason: "expected JSON text, found an object".into() }),
+        Some(_) => Err(DocError::BadValue {
+            key: key.into(),
+            reason: "expected JSON text, found an object".into(),
+        }),
         None => Ok(None),
     }
 }
 
 /// Every JSON value of a map, in key order; undecodable entries are reported
 /// as errors beside the good ones, never silently dropped.
-fn all_json<T: serde::de::DeserializeOwned>(doc: &AutoCommit, obj: &ObjId) -> (Vec<(String, T)>, Vec<DocError>) {
+fn all_json<T: serde::de::DeserializeOwned>(
+    doc: &AutoCommit,
+    obj: &ObjId,
+) -> (Vec<(String, T)>, Vec<DocError>) {
     let mut out = Vec::new();
     let mut bad = Vec::new();
     for key in doc.keys(obj) {
@@ -160,7 +188,11 @@ pub mod device {
     }
 
     /// Write one desired field after checking it against its declaration.
-    pub fn set_desired(doc: &mut AutoCommit, field: &str, value: &FieldValue) -> Result<(), DocError> {
+    pub fn set_desired(
+        doc: &mut AutoCommit,
+        field: &str,
+        value: &FieldValue,
+    ) -> Result<(), DocError> {
         let spec = schemas::device::field_spec(field)
             .ok_or_else(|| DocError::Invalid(format!("unknown desired field {field:?}")))?;
         spec.check(value).map_err(DocError::Invalid)?;
@@ -182,9 +214,17 @@ pub mod device {
                     Value::Object(_) => None,
                 })
                 .collect();
-            let policy = schemas::device::field_spec(&key).map_or(MergePolicy::LastWriter, |s| s.policy);
+            let policy =
+                schemas::device::field_spec(&key).map_or(MergePolicy::LastWriter, |s| s.policy);
             if let Some(i) = policy.resolve(&values) {
-                out.insert(key, DesiredField { effective: values[i].clone(), values, policy });
+                out.insert(
+                    key,
+                    DesiredField {
+                        effective: values[i].clone(),
+                        values,
+                        policy,
+                    },
+                );
             }
         }
         Ok(out)
@@ -204,7 +244,11 @@ pub mod device {
     }
 
     /// Device type and tags, for fleet grouping and rollout selectors.
-    pub fn set_meta(doc: &mut AutoCommit, device_type: &str, tags: &[String]) -> Result<(), DocError> {
+    pub fn set_meta(
+        doc: &mut AutoCommit,
+        device_type: &str,
+        tags: &[String],
+    ) -> Result<(), DocError> {
         let m = map(doc, "meta")?;
         if get_json::<String>(doc, &m, "device_type")?.as_deref() != Some(device_type) {
             put_json(doc, &m, "device_type", &device_type)?;
@@ -217,7 +261,10 @@ pub mod device {
 
     pub fn meta(doc: &AutoCommit) -> Result<(Option<String>, Vec<String>), DocError> {
         let m = map(doc, "meta")?;
-        Ok((get_json(doc, &m, "device_type")?, get_json(doc, &m, "tags")?.unwrap_or_default()))
+        Ok((
+            get_json(doc, &m, "device_type")?,
+            get_json(doc, &m, "tags")?.unwrap_or_default(),
+        ))
     }
 }
 
@@ -305,7 +352,15 @@ pub mod alarms {
             return Err(DocError::Invalid(format!("no alarm {id:?}")));
         }
         let acks = map(doc, "acks")?;
-        put_json(doc, &acks, id, &Ack { by: by.to_string(), at })
+        put_json(
+            doc,
+            &acks,
+            id,
+            &Ack {
+                by: by.to_string(),
+                at,
+            },
+        )
     }
 
     /// Alarms with their acknowledgements folded in.
@@ -327,11 +382,18 @@ pub mod alarms {
 }
 
 /// Generic JSON value at a root key (policy, registry).
-pub fn put_root_json<T: serde::Serialize>(doc: &mut AutoCommit, key: &str, v: &T) -> Result<(), DocError> {
+pub fn put_root_json<T: serde::Serialize>(
+    doc: &mut AutoCommit,
+    key: &str,
+    v: &T,
+) -> Result<(), DocError> {
     put_json(doc, &ROOT, key, v)
 }
 
-pub fn get_root_json<T: serde::de::DeserializeOwned>(doc: &AutoCommit, key: &str) -> Result<Option<T>, DocError> {
+pub fn get_root_json<T: serde::de::DeserializeOwned>(
+    doc: &AutoCommit,
+    key: &str,
+) -> Result<Option<T>, DocError> {
     get_json(doc, &ROOT, key)
 }
 

@@ -47,7 +47,11 @@ pub enum DriverError {
     #[error("bind QUIC endpoint on {addr}: {reason}")]
     Bind { addr: SocketAddr, reason: String },
     #[error("connect to {peer} at {addr}: {reason}")]
-    Connect { peer: String, addr: SocketAddr, reason: String },
+    Connect {
+        peer: String,
+        addr: SocketAddr,
+        reason: String,
+    },
     #[error("peer {0} is not a valid ed25519 public key")]
     BadPeerKey(String),
 }
@@ -122,10 +126,19 @@ impl From<SessionStats> for SessionStatsView {
 #[derive(Debug, Clone)]
 pub enum NodeEvent {
     Connected(EndpointKey),
-    Disconnected { peer: EndpointKey, reason: String },
+    Disconnected {
+        peer: EndpointKey,
+        reason: String,
+    },
     /// A connection attempt from a key the directory refuses.
-    Refused { peer: EndpointKey, reason: String },
-    Session { peer: EndpointKey, event: Event },
+    Refused {
+        peer: EndpointKey,
+        reason: String,
+    },
+    Session {
+        peer: EndpointKey,
+        event: Event,
+    },
 }
 
 struct Shared {
@@ -176,7 +189,10 @@ impl Shared {
 
     /// Who `key` is, and whether it may connect at all.
     fn admit(&self, key: &EndpointKey) -> Result<PeerInfo, String> {
-        let info = self.directory.lookup(key).ok_or_else(|| "unknown or revoked endpoint".to_string())?;
+        let info = self
+            .directory
+            .lookup(key)
+            .ok_or_else(|| "unknown or revoked endpoint".to_string())?;
         self.authz.may_connect(&info)?;
         Ok(info)
     }
@@ -224,7 +240,10 @@ impl ProtocolHandler for Handler {
             Ok(Err(e)) => {
                 conn.close(VarInt::from_u32(CLOSE_PROTOCOL), e.0.as_bytes());
             }
-            Err(_) => conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"streams not opened in time"),
+            Err(_) => conn.close(
+                VarInt::from_u32(CLOSE_PROTOCOL),
+                b"streams not opened in time",
+            ),
         }
         Ok(())
     }
@@ -293,12 +312,18 @@ async fn run_connection(
             loop {
                 match recv.read(&mut buf).await {
                     Ok(Some(n)) => {
-                        if tx.send(Input::Data(plane, buf[..n].to_vec())).await.is_err() {
+                        if tx
+                            .send(Input::Data(plane, buf[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
                     Ok(None) => {
-                        let _ = tx.send(Input::Closed("peer finished its stream".into())).await;
+                        let _ = tx
+                            .send(Input::Closed("peer finished its stream".into()))
+                            .await;
                         break;
                     }
                     Err(e) => {
@@ -340,7 +365,10 @@ async fn run_connection(
             if ev == Event::InSync {
                 shared.set_status(key, |s| s.last_sync = Some(Instant::now()));
             }
-            shared.emit(NodeEvent::Session { peer: key, event: ev });
+            shared.emit(NodeEvent::Session {
+                peer: key,
+                event: ev,
+            });
         }
         let docs_behind = session.docs_behind(&shared.store);
         let queued = session.bytes_queued();
@@ -394,7 +422,11 @@ async fn run_connection(
     {
         v.retain(|c| c.stable_id() != conn.stable_id());
     }
-    let still = shared.conns.lock().map(|g| g.get(&key).is_some_and(|v| !v.is_empty())).unwrap_or(false);
+    let still = shared
+        .conns
+        .lock()
+        .map(|g| g.get(&key).is_some_and(|v| !v.is_empty()))
+        .unwrap_or(false);
     shared.set_status(key, |s| {
         s.connected = still;
         s.last_error = Some(reason.clone());
@@ -435,7 +467,10 @@ impl SyncNode {
     ) -> Result<SyncNode, DriverError> {
         let mut alpns = vec![ALPN.to_vec()];
         alpns.extend(extra_alpns.iter().map(|a| a.to_vec()));
-        let bind_err = |reason: String| DriverError::Bind { addr: cfg.bind, reason };
+        let bind_err = |reason: String| DriverError::Bind {
+            addr: cfg.bind,
+            reason,
+        };
         let endpoint = iroh::Endpoint::builder(presets::Minimal)
             .secret_key(key.iroh_secret().clone())
             .alpns(alpns)
@@ -457,7 +492,10 @@ impl SyncNode {
             events,
             shutdown: tokio_util_shutdown::Shutdown::new(),
         });
-        let router = extra(Router::builder(endpoint).accept(ALPN, Handler(Arc::new(SharedRef(shared.clone()))))).spawn();
+        let router = extra(
+            Router::builder(endpoint).accept(ALPN, Handler(Arc::new(SharedRef(shared.clone())))),
+        )
+        .spawn();
         let flusher = {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -475,7 +513,11 @@ impl SyncNode {
                 }
             })
         };
-        Ok(SyncNode { router, shared, tasks: Mutex::new(vec![flusher]) })
+        Ok(SyncNode {
+            router,
+            shared,
+            tasks: Mutex::new(vec![flusher]),
+        })
     }
 
     pub fn endpoint_id(&self) -> EndpointKey {
@@ -501,7 +543,11 @@ impl SyncNode {
     }
 
     pub fn status(&self) -> BTreeMap<EndpointKey, PeerStatus> {
-        self.shared.status.lock().map(|g| g.clone()).unwrap_or_default()
+        self.shared
+            .status
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
     }
 
     /// Keep a connection to `peer` at `addr` open: dial, run the session,
@@ -517,14 +563,19 @@ impl SyncNode {
                 let info = match shared.admit(&peer) {
                     Ok(i) => Some(i),
                     Err(reason) => {
-                        shared.set_status(peer, |s| s.last_error = Some(format!("not dialing: {reason}")));
+                        shared.set_status(peer, |s| {
+                            s.last_error = Some(format!("not dialing: {reason}"))
+                        });
                         None
                     }
                 };
                 if let Some(info) = info {
                     let addr_full = iroh::EndpointAddr::new(id).with_ip_addr(addr);
                     let attempt = tokio::time::timeout(shared.cfg.connect_timeout, async {
-                        let conn = endpoint.connect(addr_full, ALPN).await.map_err(|e| e.to_string())?;
+                        let conn = endpoint
+                            .connect(addr_full, ALPN)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         let (mut s1, r1) = conn.open_bi().await.map_err(|e| e.to_string())?;
                         s1.write_all(&[0]).await.map_err(|e| e.to_string())?;
                         let (mut s2, r2) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -540,8 +591,12 @@ impl SyncNode {
                                 backoff = shared.cfg.backoff_min;
                             }
                         }
-                        Ok(Err(e)) => shared.set_status(peer, |s| s.last_error = Some(format!("connect {addr}: {e}"))),
-                        Err(_) => shared.set_status(peer, |s| s.last_error = Some(format!("connect {addr}: timed out"))),
+                        Ok(Err(e)) => shared.set_status(peer, |s| {
+                            s.last_error = Some(format!("connect {addr}: {e}"))
+                        }),
+                        Err(_) => shared.set_status(peer, |s| {
+                            s.last_error = Some(format!("connect {addr}: timed out"))
+                        }),
                     }
                 }
                 // Jitter: 50%..100% of the backoff.
@@ -562,7 +617,12 @@ impl SyncNode {
 
     /// Close every live connection with `peer` (after a revocation).
     pub fn disconnect(&self, peer: &EndpointKey, reason: &str) -> usize {
-        let conns = self.shared.conns.lock().map(|mut g| g.remove(peer).unwrap_or_default()).unwrap_or_default();
+        let conns = self
+            .shared
+            .conns
+            .lock()
+            .map(|mut g| g.remove(peer).unwrap_or_default())
+            .unwrap_or_default();
         for c in &conns {
             c.close(VarInt::from_u32(CLOSE_REVOKED), reason.as_bytes());
         }
@@ -572,12 +632,20 @@ impl SyncNode {
     /// Stop dialing, close connections, flush the store, close the endpoint.
     pub async fn shutdown(self) {
         self.shared.shutdown.trigger();
-        let conns: Vec<Connection> =
-            self.shared.conns.lock().map(|g| g.values().flatten().cloned().collect()).unwrap_or_default();
+        let conns: Vec<Connection> = self
+            .shared
+            .conns
+            .lock()
+            .map(|g| g.values().flatten().cloned().collect())
+            .unwrap_or_default();
         for c in conns {
             c.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
         }
-        let tasks = self.tasks.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut g| std::mem::take(&mut *g))
+            .unwrap_or_default();
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }

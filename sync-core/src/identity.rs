@@ -27,10 +27,14 @@ pub enum KeyError {
         source: std::io::Error,
     },
     /// The file exists but is not a 32-byte key.
-    #[error("key file {path}: expected 32 bytes (an ed25519 secret key), found {len}; restore it from backup or remove it to create a new identity (a new identity must be enrolled again)")]
+    #[error(
+        "key file {path}: expected 32 bytes (an ed25519 secret key), found {len}; restore it from backup or remove it to create a new identity (a new identity must be enrolled again)"
+    )]
     Corrupt { path: String, len: usize },
     /// The file is readable by others.
-    #[error("key file {path} has mode {mode:o}: readable by group or others; fix with `chmod 600 {path}`")]
+    #[error(
+        "key file {path} has mode {mode:o}: readable by group or others; fix with `chmod 600 {path}`"
+    )]
     Permissions { path: String, mode: u32 },
 }
 
@@ -49,12 +53,16 @@ impl std::fmt::Debug for NodeKey {
 impl NodeKey {
     /// A fresh random key.
     pub fn generate() -> NodeKey {
-        NodeKey { secret: iroh::SecretKey::generate() }
+        NodeKey {
+            secret: iroh::SecretKey::generate(),
+        }
     }
 
     /// A key from 32 secret bytes (deterministic: tests and simulations).
     pub fn from_bytes(bytes: [u8; 32]) -> NodeKey {
-        NodeKey { secret: iroh::SecretKey::from_bytes(&bytes) }
+        NodeKey {
+            secret: iroh::SecretKey::from_bytes(&bytes),
+        }
     }
 
     pub fn to_bytes(&self) -> [u8; 32] {
@@ -65,7 +73,10 @@ impl NodeKey {
     /// created) if there is none. Refuses a key readable by others.
     pub fn load_or_create(path: &Path) -> Result<NodeKey, KeyError> {
         let p = path.display().to_string();
-        let io = |source| KeyError::Io { path: p.clone(), source };
+        let io = |source| KeyError::Io {
+            path: p.clone(),
+            source,
+        };
         match std::fs::read(path) {
             Ok(bytes) => {
                 #[cfg(unix)]
@@ -76,8 +87,10 @@ impl NodeKey {
                         return Err(KeyError::Permissions { path: p, mode });
                     }
                 }
-                let arr: [u8; 32] =
-                    bytes.as_slice().try_into().map_err(|_| KeyError::Corrupt { path: p.clone(), len: bytes.len() })?;
+                let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Corrupt {
+                    path: p.clone(),
+                    len: bytes.len(),
+                })?;
                 Ok(NodeKey::from_bytes(arr))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -126,7 +139,9 @@ impl NodeKey {
 
 /// Verify an ed25519 signature by `key` over `msg`.
 pub fn verify(key: &EndpointKey, msg: &[u8], sig: &[u8; 64]) -> bool {
-    let Ok(pk) = iroh::PublicKey::from_bytes(&key.0) else { return false };
+    let Ok(pk) = iroh::PublicKey::from_bytes(&key.0) else {
+        return false;
+    };
     pk.verify(msg, &iroh::Signature::from_bytes(sig)).is_ok()
 }
 
@@ -189,7 +204,10 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
-        assert!(matches!(NodeKey::load_or_create(&path), Err(KeyError::Corrupt { len: 5, .. })));
+        assert!(matches!(
+            NodeKey::load_or_create(&path),
+            Err(KeyError::Corrupt { len: 5, .. })
+        ));
     }
 
     #[test]

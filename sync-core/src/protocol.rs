@@ -22,7 +22,11 @@ pub enum Plane {
 
 impl Plane {
     pub fn of(doc: &DocId) -> Plane {
-        if doc.kind().is_command_plane() { Plane::Command } else { Plane::Telemetry }
+        if doc.kind().is_command_plane() {
+            Plane::Command
+        } else {
+            Plane::Telemetry
+        }
     }
 }
 
@@ -44,9 +48,19 @@ pub enum ErrorCode {
 impl ErrorCode {
     pub fn from_u16(v: u16) -> Option<ErrorCode> {
         use ErrorCode::*;
-        [Malformed, FrameTooLarge, TooManyDocuments, TooManyRounds, NotAuthorised, RateLimited, Refused, Internal, Version]
-            .into_iter()
-            .find(|c| *c as u16 == v)
+        [
+            Malformed,
+            FrameTooLarge,
+            TooManyDocuments,
+            TooManyRounds,
+            NotAuthorised,
+            RateLimited,
+            Refused,
+            Internal,
+            Version,
+        ]
+        .into_iter()
+        .find(|c| *c as u16 == v)
     }
 }
 
@@ -59,16 +73,33 @@ pub struct ManifestEntry {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
-    Hello { version: u8, max_frame: u32 },
+    Hello {
+        version: u8,
+        max_frame: u32,
+    },
     /// Digest of the whole scope: equal digests mean nothing to do.
-    Summary { count: u32, root: [u8; 16] },
+    Summary {
+        count: u32,
+        root: [u8; 16],
+    },
     /// Part of the full manifest; `last` ends it. Ids are prefix-compressed
     /// against the previous entry of the same frame.
-    Manifest { entries: Vec<ManifestEntry>, last: bool },
+    Manifest {
+        entries: Vec<ManifestEntry>,
+        last: bool,
+    },
     /// An Automerge sync message for one document, with the author's
     /// signature of each change it carries (in message order).
-    Sync { doc: DocId, sigs: Vec<[u8; 64]>, msg: Vec<u8> },
-    Error { code: u16, doc: Option<DocId>, message: String },
+    Sync {
+        doc: DocId,
+        sigs: Vec<[u8; 64]>,
+        msg: Vec<u8>,
+    },
+    Error {
+        code: u16,
+        doc: Option<DocId>,
+        message: String,
+    },
 }
 
 /// A frame that did not decode.
@@ -127,7 +158,10 @@ impl<'a> Reader<'a> {
     }
     fn len(&mut self) -> Result<usize, FrameError> {
         let v = self.varint()?;
-        usize::try_from(v).ok().filter(|n| *n <= self.b.len()).ok_or_else(|| Self::bad("length exceeds frame"))
+        usize::try_from(v)
+            .ok()
+            .filter(|n| *n <= self.b.len())
+            .ok_or_else(|| Self::bad("length exceeds frame"))
     }
     fn doc(&mut self) -> Result<DocId, FrameError> {
         let n = self.len()?;
@@ -166,7 +200,11 @@ impl Frame {
                 let mut prev = String::new();
                 for e in entries {
                     let id = e.doc.to_string();
-                    let shared = prev.bytes().zip(id.bytes()).take_while(|(a, b)| a == b).count();
+                    let shared = prev
+                        .bytes()
+                        .zip(id.bytes())
+                        .take_while(|(a, b)| a == b)
+                        .count();
                     put_varint(&mut body, shared as u64);
                     put_bytes(&mut body, &id.as_bytes()[shared..]);
                     body.extend_from_slice(&e.digest);
@@ -185,7 +223,13 @@ impl Frame {
             Frame::Error { code, doc, message } => {
                 body.push(5);
                 body.extend_from_slice(&code.to_be_bytes());
-                put_bytes(&mut body, doc.as_ref().map(|d| d.to_string()).unwrap_or_default().as_bytes());
+                put_bytes(
+                    &mut body,
+                    doc.as_ref()
+                        .map(|d| d.to_string())
+                        .unwrap_or_default()
+                        .as_bytes(),
+                );
                 put_bytes(&mut body, message.as_bytes());
             }
         }
@@ -202,10 +246,14 @@ impl Frame {
             1 => {
                 let version = r.u8()?;
                 let m = r.take(4)?;
-                Ok(Frame::Hello { version, max_frame: u32::from_be_bytes([m[0], m[1], m[2], m[3]]) })
+                Ok(Frame::Hello {
+                    version,
+                    max_frame: u32::from_be_bytes([m[0], m[1], m[2], m[3]]),
+                })
             }
             2 => {
-                let count = u32::try_from(r.varint()?).map_err(|_| Reader::bad("count too large"))?;
+                let count =
+                    u32::try_from(r.varint()?).map_err(|_| Reader::bad("count too large"))?;
                 let mut root = [0u8; 16];
                 root.copy_from_slice(r.take(16)?);
                 Ok(Frame::Summary { count, root })
@@ -224,8 +272,11 @@ impl Frame {
                     let suffix = r.take(len)?;
                     let mut id = prev.as_bytes()[..shared].to_vec();
                     id.extend_from_slice(suffix);
-                    let text = String::from_utf8(id).map_err(|_| Reader::bad("doc id is not utf-8"))?;
-                    let doc = text.parse().map_err(|e| FrameError::Malformed(format!("{e}")))?;
+                    let text =
+                        String::from_utf8(id).map_err(|_| Reader::bad("doc id is not utf-8"))?;
+                    let doc = text
+                        .parse()
+                        .map_err(|e| FrameError::Malformed(format!("{e}")))?;
                     let mut digest = [0u8; DIGEST_LEN];
                     digest.copy_from_slice(r.take(DIGEST_LEN)?);
                     entries.push(ManifestEntry { doc, digest });
@@ -245,13 +296,18 @@ impl Frame {
                     s.copy_from_slice(r.take(64)?);
                     sigs.push(s);
                 }
-                Ok(Frame::Sync { doc, sigs, msg: r.rest().to_vec() })
+                Ok(Frame::Sync {
+                    doc,
+                    sigs,
+                    msg: r.rest().to_vec(),
+                })
             }
             5 => {
                 let c = r.take(2)?;
                 let code = u16::from_be_bytes([c[0], c[1]]);
                 let n = r.len()?;
-                let d = std::str::from_utf8(r.take(n)?).map_err(|_| Reader::bad("doc id is not utf-8"))?;
+                let d = std::str::from_utf8(r.take(n)?)
+                    .map_err(|_| Reader::bad("doc id is not utf-8"))?;
                 let doc = if d.is_empty() { None } else { d.parse().ok() };
                 let n = r.len()?;
                 let message = String::from_utf8_lossy(r.take(n)?).into_owned();
@@ -271,7 +327,10 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(max_frame: usize) -> FrameReader {
-        FrameReader { buf: Vec::new(), max: max_frame }
+        FrameReader {
+            buf: Vec::new(),
+            max: max_frame,
+        }
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
@@ -321,26 +380,60 @@ mod tests {
     fn frames_roundtrip() {
         let d: DocId = "t/acme/s/s1/tel/dev-1/2026-11-23".parse().unwrap();
         let d2: DocId = "t/acme/s/s1/tel/dev-1/2026-11-24".parse().unwrap();
-        roundtrip(Frame::Hello { version: 1, max_frame: 1 << 20 });
-        roundtrip(Frame::Summary { count: 1000, root: [7; 16] });
+        roundtrip(Frame::Hello {
+            version: 1,
+            max_frame: 1 << 20,
+        });
+        roundtrip(Frame::Summary {
+            count: 1000,
+            root: [7; 16],
+        });
         roundtrip(Frame::Manifest {
-            entries: vec![ManifestEntry { doc: d.clone(), digest: [1; 12] }, ManifestEntry { doc: d2, digest: [2; 12] }],
+            entries: vec![
+                ManifestEntry {
+                    doc: d.clone(),
+                    digest: [1; 12],
+                },
+                ManifestEntry {
+                    doc: d2,
+                    digest: [2; 12],
+                },
+            ],
             last: true,
         });
-        roundtrip(Frame::Sync { doc: d.clone(), sigs: vec![[9; 64]], msg: vec![1, 2, 3] });
-        roundtrip(Frame::Error { code: 4, doc: Some(d), message: "too many rounds".into() });
-        roundtrip(Frame::Error { code: 1, doc: None, message: String::new() });
+        roundtrip(Frame::Sync {
+            doc: d.clone(),
+            sigs: vec![[9; 64]],
+            msg: vec![1, 2, 3],
+        });
+        roundtrip(Frame::Error {
+            code: 4,
+            doc: Some(d),
+            message: "too many rounds".into(),
+        });
+        roundtrip(Frame::Error {
+            code: 1,
+            doc: None,
+            message: String::new(),
+        });
     }
 
     #[test]
     fn manifest_entries_are_compact() {
         let entries: Vec<ManifestEntry> = (0..1000)
             .map(|i| ManifestEntry {
-                doc: format!("t/acme/s/site-1/tel/device-{:03}/2026-11-23", i).parse().unwrap(),
+                doc: format!("t/acme/s/site-1/tel/device-{:03}/2026-11-23", i)
+                    .parse()
+                    .unwrap(),
                 digest: [0; 12],
             })
             .collect();
-        let n = Frame::Manifest { entries, last: true }.encode().len();
+        let n = Frame::Manifest {
+            entries,
+            last: true,
+        }
+        .encode()
+        .len();
         assert!(n < 1000 * 32, "manifest of 1000 docs took {n} bytes");
     }
 
@@ -348,10 +441,22 @@ mod tests {
     fn oversized_and_malformed_frames_are_errors() {
         let mut r = FrameReader::new(16);
         r.push(&[0, 0, 1, 0]);
-        assert!(matches!(r.next_frame(), Err(FrameError::TooLarge { len: 256, max: 16 })));
-        assert!(matches!(Frame::decode(&[99]), Err(FrameError::Malformed(_))));
-        assert!(matches!(Frame::decode(&[4, 200]), Err(FrameError::Malformed(_))));
-        assert!(matches!(Frame::decode(&[3, 1, 1, 5, 1, b'x']), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            r.next_frame(),
+            Err(FrameError::TooLarge { len: 256, max: 16 })
+        ));
+        assert!(matches!(
+            Frame::decode(&[99]),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            Frame::decode(&[4, 200]),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            Frame::decode(&[3, 1, 1, 5, 1, b'x']),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     proptest! {

@@ -28,7 +28,9 @@ use automerge::sync;
 use schemas::ids::DocId;
 
 use crate::authz::{Authz, Directory, PeerInfo};
-use crate::protocol::{DIGEST_LEN, ErrorCode, Frame, FrameError, FrameReader, ManifestEntry, Plane, VERSION};
+use crate::protocol::{
+    DIGEST_LEN, ErrorCode, Frame, FrameError, FrameReader, ManifestEntry, Plane, VERSION,
+};
 use crate::store::{DocStore, StoreError};
 
 /// Session limits and tuning.
@@ -72,9 +74,17 @@ pub enum Event {
     /// The peer sent something it may not; it was not applied.
     Refused { doc: Option<DocId>, reason: String },
     /// A limit was hit (ours or the peer's word).
-    Limit { code: ErrorCode, doc: Option<DocId>, message: String },
+    Limit {
+        code: ErrorCode,
+        doc: Option<DocId>,
+        message: String,
+    },
     /// The peer reported an error.
-    PeerError { code: u16, doc: Option<DocId>, message: String },
+    PeerError {
+        code: u16,
+        doc: Option<DocId>,
+        message: String,
+    },
 }
 
 /// Bytes to send on a plane's stream.
@@ -141,7 +151,8 @@ impl TokenBucket {
         self.last = now;
     }
     fn ready_at(&self) -> Option<Instant> {
-        (self.tokens <= 0.0).then(|| self.last + Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        (self.tokens <= 0.0)
+            .then(|| self.last + Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
     }
 }
 
@@ -199,9 +210,17 @@ impl Session {
         let rate = cfg.bytes_per_sec.max(1) as f64;
         let burst = rate.max(cfg.max_frame as f64);
         let mut s = Session {
-            readers: [FrameReader::new(cfg.max_frame), FrameReader::new(cfg.max_frame)],
+            readers: [
+                FrameReader::new(cfg.max_frame),
+                FrameReader::new(cfg.max_frame),
+            ],
             peer_max_frame: cfg.max_frame,
-            bucket: TokenBucket { rate, burst, tokens: burst, last: now },
+            bucket: TokenBucket {
+                rate,
+                burst,
+                tokens: burst,
+                last: now,
+            },
             cfg,
             authz,
             directory,
@@ -216,7 +235,13 @@ impl Session {
             events: VecDeque::new(),
             stats: SessionStats::default(),
         };
-        s.queue(Plane::Command, Frame::Hello { version: VERSION, max_frame: s.cfg.max_frame as u32 });
+        s.queue(
+            Plane::Command,
+            Frame::Hello {
+                version: VERSION,
+                max_frame: s.cfg.max_frame as u32,
+            },
+        );
         let manifest = s.scope_manifest(store);
         s.my_summary = summary_of(&manifest);
         let (count, root) = s.my_summary;
@@ -272,10 +297,20 @@ impl Session {
     fn error(&mut self, code: ErrorCode, doc: Option<DocId>, message: String) {
         self.stats.limit_errors += u64::from(code != ErrorCode::NotAuthorised);
         let plane = doc.as_ref().map_or(Plane::Command, Plane::of);
-        self.queue(plane, Frame::Error { code: code as u16, doc: doc.clone(), message: message.clone() });
+        self.queue(
+            plane,
+            Frame::Error {
+                code: code as u16,
+                doc: doc.clone(),
+                message: message.clone(),
+            },
+        );
         if code == ErrorCode::NotAuthorised || code == ErrorCode::Refused {
             self.stats.refused += 1;
-            self.events.push_back(Event::Refused { doc, reason: message });
+            self.events.push_back(Event::Refused {
+                doc,
+                reason: message,
+            });
         } else {
             self.events.push_back(Event::Limit { code, doc, message });
         }
@@ -311,7 +346,13 @@ impl Session {
     }
 
     /// Bytes arrived on a plane's stream.
-    pub fn handle_data(&mut self, plane: Plane, bytes: &[u8], store: &DocStore, now: Instant) -> Result<(), SessionError> {
+    pub fn handle_data(
+        &mut self,
+        plane: Plane,
+        bytes: &[u8],
+        store: &DocStore,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         self.stats.bytes_received += bytes.len() as u64;
         self.readers[plane as usize].push(bytes);
         loop {
@@ -332,11 +373,20 @@ impl Session {
         }
     }
 
-    fn handle_frame(&mut self, frame: Frame, store: &DocStore, now: Instant) -> Result<(), SessionError> {
+    fn handle_frame(
+        &mut self,
+        frame: Frame,
+        store: &DocStore,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         match frame {
             Frame::Hello { version, max_frame } => {
                 if version != VERSION {
-                    self.error(ErrorCode::Version, None, format!("version {version} not supported, expected {VERSION}"));
+                    self.error(
+                        ErrorCode::Version,
+                        None,
+                        format!("version {version} not supported, expected {VERSION}"),
+                    );
                     return Err(SessionError::Version(version));
                 }
                 self.peer_max_frame = (max_frame as usize).min(self.cfg.max_frame);
@@ -358,7 +408,10 @@ impl Session {
                     self.error(
                         ErrorCode::TooManyDocuments,
                         None,
-                        format!("manifest lists more than {} documents; the rest is ignored", self.cfg.max_docs),
+                        format!(
+                            "manifest lists more than {} documents; the rest is ignored",
+                            self.cfg.max_docs
+                        ),
                     );
                 } else {
                     self.their_manifest.extend(entries);
@@ -376,7 +429,8 @@ impl Session {
                 {
                     s.disabled = true;
                 }
-                self.events.push_back(Event::PeerError { code, doc, message });
+                self.events
+                    .push_back(Event::PeerError { code, doc, message });
             }
         }
         Ok(())
@@ -386,19 +440,34 @@ impl Session {
         let chunk = self.cfg.manifest_chunk.max(1);
         let n = manifest.len();
         if n == 0 {
-            self.queue(Plane::Command, Frame::Manifest { entries: Vec::new(), last: true });
+            self.queue(
+                Plane::Command,
+                Frame::Manifest {
+                    entries: Vec::new(),
+                    last: true,
+                },
+            );
             return;
         }
         for (i, part) in manifest.chunks(chunk).enumerate() {
-            let entries = part.iter().map(|(doc, d)| ManifestEntry { doc: doc.clone(), digest: short(d) }).collect();
+            let entries = part
+                .iter()
+                .map(|(doc, d)| ManifestEntry {
+                    doc: doc.clone(),
+                    digest: short(d),
+                })
+                .collect();
             let last = (i + 1) * chunk >= n;
             self.queue(Plane::Command, Frame::Manifest { entries, last });
         }
     }
 
     fn diff_manifests(&mut self, store: &DocStore, now: Instant) {
-        let mine: HashMap<DocId, [u8; DIGEST_LEN]> =
-            self.scope_manifest(store).into_iter().map(|(id, d)| (id, short(&d))).collect();
+        let mine: HashMap<DocId, [u8; DIGEST_LEN]> = self
+            .scope_manifest(store)
+            .into_iter()
+            .map(|(id, d)| (id, short(&d)))
+            .collect();
         let theirs = std::mem::take(&mut self.their_manifest);
         let mut differ: HashSet<DocId> = HashSet::new();
         let mut seen: HashSet<&DocId> = HashSet::new();
@@ -422,7 +491,9 @@ impl Session {
             self.stats.refused += out_of_scope as u64;
             self.events.push_back(Event::Refused {
                 doc: None,
-                reason: format!("peer listed {out_of_scope} documents outside this connection's scope"),
+                reason: format!(
+                    "peer listed {out_of_scope} documents outside this connection's scope"
+                ),
             });
         }
         for id in &differ {
@@ -434,14 +505,19 @@ impl Session {
     }
 
     fn check_in_sync(&mut self, store: &DocStore) {
-        let Some(init) = &mut self.initial else { return };
+        let Some(init) = &mut self.initial else {
+            return;
+        };
         if init.is_empty() {
             return;
         }
         let docs = &self.docs;
         init.retain(|id| match docs.get(id) {
             Some(d) if d.disabled => false,
-            Some(d) => d.state.their_heads.as_ref() != store.heads(id).as_ref() || d.state.their_heads.is_none(),
+            Some(d) => {
+                d.state.their_heads.as_ref() != store.heads(id).as_ref()
+                    || d.state.their_heads.is_none()
+            }
             None => true,
         });
         if init.is_empty() {
@@ -449,9 +525,17 @@ impl Session {
         }
     }
 
-    fn doc_sync<'a>(docs: &'a mut HashMap<DocId, DocSync>, store: &DocStore, peer: &PeerInfo, id: &DocId) -> &'a mut DocSync {
-        docs.entry(id.clone())
-            .or_insert_with(|| DocSync { state: store.sync_state(&peer.key, id), rounds: 0, disabled: false })
+    fn doc_sync<'a>(
+        docs: &'a mut HashMap<DocId, DocSync>,
+        store: &DocStore,
+        peer: &PeerInfo,
+        id: &DocId,
+    ) -> &'a mut DocSync {
+        docs.entry(id.clone()).or_insert_with(|| DocSync {
+            state: store.sync_state(&peer.key, id),
+            rounds: 0,
+            disabled: false,
+        })
     }
 
     fn handle_sync(
@@ -464,7 +548,11 @@ impl Session {
     ) -> Result<(), SessionError> {
         self.stats.sync_messages_received += 1;
         if !self.authz.in_scope(&self.peer, &doc) {
-            self.error(ErrorCode::NotAuthorised, Some(doc.clone()), format!("{doc} is outside this connection's scope"));
+            self.error(
+                ErrorCode::NotAuthorised,
+                Some(doc.clone()),
+                format!("{doc} is outside this connection's scope"),
+            );
             return Ok(());
         }
         let ds = Self::doc_sync(&mut self.docs, store, &self.peer, &doc);
@@ -474,15 +562,22 @@ impl Session {
         let message = match sync::Message::decode(msg) {
             Ok(m) => m,
             Err(e) => {
-                self.error(ErrorCode::Malformed, Some(doc), format!("sync message does not decode: {e}"));
+                self.error(
+                    ErrorCode::Malformed,
+                    Some(doc),
+                    format!("sync message does not decode: {e}"),
+                );
                 return Ok(());
             }
         };
         let authz = self.authz.clone();
         let directory = self.directory.clone();
         let peer = self.peer.clone();
-        let guard = |c: &automerge::Change, sig: &[u8; 64]| authz.check_change(&peer, &doc, c, sig, directory.as_ref());
-        match store.receive_sync_message(&doc, self.peer.key, &mut ds.state, message, sigs, &guard) {
+        let guard = |c: &automerge::Change, sig: &[u8; 64]| {
+            authz.check_change(&peer, &doc, c, sig, directory.as_ref())
+        };
+        match store.receive_sync_message(&doc, self.peer.key, &mut ds.state, message, sigs, &guard)
+        {
             Ok(r) => {
                 if r.applied {
                     ds.rounds = 0;
@@ -494,13 +589,21 @@ impl Session {
             Err(StoreError::Refused { id, hash, reason }) => {
                 ds.disabled = true;
                 tracing::warn!(peer = %self.peer.key.short(), doc = %id, %hash, %reason, "refused change");
-                self.error(ErrorCode::NotAuthorised, Some(id), format!("change {hash} refused: {reason}"));
+                self.error(
+                    ErrorCode::NotAuthorised,
+                    Some(id),
+                    format!("change {hash} refused: {reason}"),
+                );
             }
             Err(StoreError::Sync { id, reason }) => {
                 self.error(ErrorCode::Malformed, Some(id), reason);
             }
             Err(e) => {
-                self.error(ErrorCode::Internal, Some(doc), "receiver could not store the changes".into());
+                self.error(
+                    ErrorCode::Internal,
+                    Some(doc),
+                    "receiver could not store the changes".into(),
+                );
                 return Err(SessionError::Store(e));
             }
         }
@@ -515,7 +618,9 @@ impl Session {
         if ds.disabled {
             return Ok(None);
         }
-        let msg = store.generate_sync_message(id, &mut ds.state).map_err(SessionError::Store)?;
+        let msg = store
+            .generate_sync_message(id, &mut ds.state)
+            .map_err(SessionError::Store)?;
         let Some(msg) = msg else { return Ok(None) };
         ds.rounds += 1;
         if ds.rounds > max_rounds {
@@ -528,19 +633,33 @@ impl Session {
             return Ok(None);
         }
         let hashes: Vec<_> = crate::store::message_changes(&msg)
-            .map_err(|reason| SessionError::Store(StoreError::Sync { id: id.clone(), reason }))?
+            .map_err(|reason| {
+                SessionError::Store(StoreError::Sync {
+                    id: id.clone(),
+                    reason,
+                })
+            })?
             .iter()
             .map(automerge::Change::hash)
             .collect();
         let sigs = store.signatures(&hashes).map_err(SessionError::Store)?;
-        let frame = Frame::Sync { doc: id.clone(), sigs, msg: msg.encode() }.encode();
+        let frame = Frame::Sync {
+            doc: id.clone(),
+            sigs,
+            msg: msg.encode(),
+        }
+        .encode();
         if frame.len() > self.peer_max_frame + 4 {
             let ds = Self::doc_sync(&mut self.docs, store, &self.peer, id);
             ds.disabled = true;
             self.error(
                 ErrorCode::FrameTooLarge,
                 Some(id.clone()),
-                format!("{id}: sync message of {} bytes exceeds the peer's frame limit {}", frame.len(), self.peer_max_frame),
+                format!(
+                    "{id}: sync message of {} bytes exceeds the peer's frame limit {}",
+                    frame.len(),
+                    self.peer_max_frame
+                ),
             );
             return Ok(None);
         }
@@ -550,7 +669,11 @@ impl Session {
 
     /// The next bytes to send: command plane first, then telemetry; within
     /// the budget of bytes per second.
-    pub fn poll_transmit(&mut self, store: &DocStore, now: Instant) -> Result<Option<Transmit>, SessionError> {
+    pub fn poll_transmit(
+        &mut self,
+        store: &DocStore,
+        now: Instant,
+    ) -> Result<Option<Transmit>, SessionError> {
         self.bucket.refill(now);
         if self.bucket.tokens <= 0.0 {
             return Ok(None);
@@ -593,7 +716,11 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let has_queued = self.out.iter().any(|q| !q.is_empty());
         let next_dirty = self.dirty.values().min().copied();
-        let work = if has_queued { Some(self.bucket.last) } else { next_dirty };
+        let work = if has_queued {
+            Some(self.bucket.last)
+        } else {
+            next_dirty
+        };
         match (work, self.bucket.ready_at()) {
             (Some(w), Some(r)) => Some(w.max(r)),
             (w, _) => w,
@@ -616,11 +743,19 @@ mod tests {
     use schemas::time::Timestamp;
 
     fn stores() -> (DocStore, DocStore) {
-        (DocStore::in_memory(NodeKey::from_bytes([1; 32])), DocStore::in_memory(NodeKey::from_bytes([2; 32])))
+        (
+            DocStore::in_memory(NodeKey::from_bytes([1; 32])),
+            DocStore::in_memory(NodeKey::from_bytes([2; 32])),
+        )
     }
 
     fn pair() -> (Arc<Authz>, Arc<Authz>, Arc<dyn Directory>) {
-        let hub = PeerInfo { key: NodeKey::from_bytes([1; 32]).public(), role: Role::Hub, tenant: None, site: None };
+        let hub = PeerInfo {
+            key: NodeKey::from_bytes([1; 32]).public(),
+            role: Role::Hub,
+            tenant: None,
+            site: None,
+        };
         let edge = PeerInfo {
             key: NodeKey::from_bytes([2; 32]).public(),
             role: Role::Edge,
@@ -630,7 +765,11 @@ mod tests {
         let mut dir = StaticDirectory::default();
         dir.insert(hub.clone());
         dir.insert(edge.clone());
-        (Arc::new(Authz::new(hub, None)), Arc::new(Authz::new(edge, None)), Arc::new(dir))
+        (
+            Arc::new(Authz::new(hub, None)),
+            Arc::new(Authz::new(edge, None)),
+            Arc::new(dir),
+        )
     }
 
     /// Pump two sessions until neither sends anything. Returns frames moved.
@@ -660,16 +799,37 @@ mod tests {
         let (ha, ea, dir) = pair();
         let (hs, es) = stores();
         let now = Instant::now();
-        let mut h = Session::new(SessionConfig::default(), ha.clone(), dir.clone(), ea.local.clone(), &hs, now);
-        let mut e = Session::new(SessionConfig::default(), ea.clone(), dir.clone(), ha.local.clone(), &es, now);
+        let mut h = Session::new(
+            SessionConfig::default(),
+            ha.clone(),
+            dir.clone(),
+            ea.local.clone(),
+            &hs,
+            now,
+        );
+        let mut e = Session::new(
+            SessionConfig::default(),
+            ea.clone(),
+            dir.clone(),
+            ha.local.clone(),
+            &es,
+            now,
+        );
         pump(&mut h, &hs, &mut e, &es, now);
         assert!(h.is_in_sync() && e.is_in_sync());
         let id: DocId = "t/acme/s/s1/dev/p1".parse().unwrap();
-        es.change(&id, Timestamp(1_800_000_000_000), |d| device::set_desired(d, "setpoint", &FieldValue::Number(4.0))).unwrap();
+        es.change(&id, Timestamp(1_800_000_000_000), |d| {
+            device::set_desired(d, "setpoint", &FieldValue::Number(4.0))
+        })
+        .unwrap();
         e.handle_local_change(&id, now);
         let moved = pump(&mut h, &hs, &mut e, &es, now);
         assert!(moved > 0);
-        assert_eq!(hs.heads(&id), es.heads(&id), "heads differ after {moved} frames");
+        assert_eq!(
+            hs.heads(&id),
+            es.heads(&id),
+            "heads differ after {moved} frames"
+        );
     }
 
     #[test]
@@ -677,15 +837,38 @@ mod tests {
         let (ha, ea, dir) = pair();
         let (hs, es) = stores();
         let t0 = Instant::now();
-        let mut h = Session::new(SessionConfig::default(), ha.clone(), dir.clone(), ea.local.clone(), &hs, t0);
-        let mut e = Session::new(SessionConfig::default(), ea.clone(), dir.clone(), ha.local.clone(), &es, t0);
-        let ids: Vec<DocId> = vec!["t/acme/s/s1/dev/p1".parse().unwrap(), "t/acme/s/s1/dev/p2".parse().unwrap()];
+        let mut h = Session::new(
+            SessionConfig::default(),
+            ha.clone(),
+            dir.clone(),
+            ea.local.clone(),
+            &hs,
+            t0,
+        );
+        let mut e = Session::new(
+            SessionConfig::default(),
+            ea.clone(),
+            dir.clone(),
+            ha.local.clone(),
+            &es,
+            t0,
+        );
+        let ids: Vec<DocId> = vec![
+            "t/acme/s/s1/dev/p1".parse().unwrap(),
+            "t/acme/s/s1/dev/p2".parse().unwrap(),
+        ];
         for i in 0..40u32 {
             let now = t0 + Duration::from_millis(u64::from(i) * 10);
             let id = &ids[(i % 2) as usize];
-            let (store, sess) = if i % 3 == 0 { (&hs, &mut h) } else { (&es, &mut e) };
+            let (store, sess) = if i % 3 == 0 {
+                (&hs, &mut h)
+            } else {
+                (&es, &mut e)
+            };
             store
-                .change(id, Timestamp(1_800_000_000_000), |d| device::set_desired(d, "setpoint", &FieldValue::Number(f64::from(i))))
+                .change(id, Timestamp(1_800_000_000_000), |d| {
+                    device::set_desired(d, "setpoint", &FieldValue::Number(f64::from(i)))
+                })
                 .unwrap();
             sess.handle_local_change(id, now);
             if i % 4 == 0 {
@@ -699,7 +882,10 @@ mod tests {
             }
         }
         pump(&mut h, &hs, &mut e, &es, t0 + Duration::from_secs(10));
-        let evs: Vec<Event> = std::iter::from_fn(|| h.poll_event()).chain(std::iter::from_fn(|| e.poll_event())).filter(|e| !matches!(e, Event::DocApplied(_) | Event::InSync)).collect();
+        let evs: Vec<Event> = std::iter::from_fn(|| h.poll_event())
+            .chain(std::iter::from_fn(|| e.poll_event()))
+            .filter(|e| !matches!(e, Event::DocApplied(_) | Event::InSync))
+            .collect();
         assert!(evs.is_empty(), "{evs:?}");
         for id in &ids {
             let (mut a, mut b) = (hs.heads(id).unwrap(), es.heads(id).unwrap());

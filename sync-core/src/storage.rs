@@ -19,18 +19,28 @@ pub enum StorageError {
     Backend(String),
 }
 
+/// Key-value pairs in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One write of a batch.
 #[derive(Debug, Clone)]
 pub enum Op {
-    Put { tree: &'static str, key: Vec<u8>, value: Vec<u8> },
-    Delete { tree: &'static str, key: Vec<u8> },
+    Put {
+        tree: &'static str,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        tree: &'static str,
+        key: Vec<u8>,
+    },
 }
 
 /// Ordered key-value trees with atomic batches.
 pub trait Storage: Send + Sync + 'static {
     fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Every pair whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StorageError>;
     /// Apply all ops atomically (all or none survive a crash).
     fn apply(&self, ops: Vec<Op>) -> Result<(), StorageError>;
     /// Make every write so far durable.
@@ -64,13 +74,20 @@ impl SledStorage {
 
 impl Storage for SledStorage {
     fn get(&self, tree: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.tree(tree)?.get(key).map_err(backend("get"))?.map(|v| v.to_vec()))
+        Ok(self
+            .tree(tree)?
+            .get(key)
+            .map_err(backend("get"))?
+            .map(|v| v.to_vec()))
     }
 
-    fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StorageError> {
         self.tree(tree)?
             .scan_prefix(prefix)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(backend("scan")))
+            .map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(backend("scan"))
+            })
             .collect()
     }
 
@@ -86,22 +103,26 @@ impl Storage for SledStorage {
                 names.push(t);
             }
         }
-        let trees = names.iter().map(|n| self.tree(n)).collect::<Result<Vec<_>, _>>()?;
-        let res: sled::transaction::TransactionResult<(), ()> = trees.as_slice().transaction(|txs| {
-            for op in &ops {
-                match op {
-                    Op::Put { tree, key, value } => {
-                        let i = names.iter().position(|n| n == tree).unwrap_or(0);
-                        txs[i].insert(key.as_slice(), value.as_slice())?;
-                    }
-                    Op::Delete { tree, key } => {
-                        let i = names.iter().position(|n| n == tree).unwrap_or(0);
-                        txs[i].remove(key.as_slice())?;
+        let trees = names
+            .iter()
+            .map(|n| self.tree(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let res: sled::transaction::TransactionResult<(), ()> =
+            trees.as_slice().transaction(|txs| {
+                for op in &ops {
+                    match op {
+                        Op::Put { tree, key, value } => {
+                            let i = names.iter().position(|n| n == tree).unwrap_or(0);
+                            txs[i].insert(key.as_slice(), value.as_slice())?;
+                        }
+                        Op::Delete { tree, key } => {
+                            let i = names.iter().position(|n| n == tree).unwrap_or(0);
+                            txs[i].remove(key.as_slice())?;
+                        }
                     }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            });
         res.map_err(|e| StorageError::Backend(format!("write batch: {e:?}")))
     }
 
@@ -143,7 +164,9 @@ fn apply_ops(t: &mut Trees, ops: &[Op]) {
     for op in ops {
         match op {
             Op::Put { tree, key, value } => {
-                t.entry(tree).or_default().insert(key.clone(), value.clone());
+                t.entry(tree)
+                    .or_default()
+                    .insert(key.clone(), value.clone());
             }
             Op::Delete { tree, key } => {
                 t.entry(tree).or_default().remove(key);
@@ -172,7 +195,9 @@ impl MemStorage {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, MemInner>, StorageError> {
-        self.inner.lock().map_err(|_| StorageError::Backend("memory store lock poisoned".into()))
+        self.inner
+            .lock()
+            .map_err(|_| StorageError::Backend("memory store lock poisoned".into()))
     }
 }
 
@@ -183,7 +208,11 @@ impl Storage for MemStorage {
         for batch in &g.pending {
             for op in batch {
                 match op {
-                    Op::Put { tree: t, key: k, value } if *t == tree && k == key => found = Some(value.clone()),
+                    Op::Put {
+                        tree: t,
+                        key: k,
+                        value,
+                    } if *t == tree && k == key => found = Some(value.clone()),
                     Op::Delete { tree: t, key: k } if *t == tree && k == key => found = None,
                     _ => {}
                 }
@@ -192,13 +221,22 @@ impl Storage for MemStorage {
         Ok(found)
     }
 
-    fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan_prefix(&self, tree: &'static str, prefix: &[u8]) -> Result<Pairs, StorageError> {
         let g = self.lock()?;
-        let view = if g.pending.is_empty() { None } else { Some(g.view()) };
+        let view = if g.pending.is_empty() {
+            None
+        } else {
+            Some(g.view())
+        };
         let trees = view.as_ref().unwrap_or(&g.durable);
         Ok(trees
             .get(tree)
-            .map(|t| t.range(prefix.to_vec()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|t| {
+                t.range(prefix.to_vec()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -230,16 +268,35 @@ mod tests {
 
     fn exercise(s: &dyn Storage) {
         s.apply(vec![
-            Op::Put { tree: "a", key: b"k1".to_vec(), value: b"v1".to_vec() },
-            Op::Put { tree: "a", key: b"k2".to_vec(), value: b"v2".to_vec() },
-            Op::Put { tree: "b", key: b"k1".to_vec(), value: b"other".to_vec() },
+            Op::Put {
+                tree: "a",
+                key: b"k1".to_vec(),
+                value: b"v1".to_vec(),
+            },
+            Op::Put {
+                tree: "a",
+                key: b"k2".to_vec(),
+                value: b"v2".to_vec(),
+            },
+            Op::Put {
+                tree: "b",
+                key: b"k1".to_vec(),
+                value: b"other".to_vec(),
+            },
         ])
         .unwrap();
         assert_eq!(s.get("a", b"k1").unwrap(), Some(b"v1".to_vec()));
         assert_eq!(s.scan_prefix("a", b"k").unwrap().len(), 2);
-        s.apply(vec![Op::Delete { tree: "a", key: b"k1".to_vec() }]).unwrap();
+        s.apply(vec![Op::Delete {
+            tree: "a",
+            key: b"k1".to_vec(),
+        }])
+        .unwrap();
         assert_eq!(s.get("a", b"k1").unwrap(), None);
-        assert_eq!(s.scan_prefix("a", b"").unwrap(), vec![(b"k2".to_vec(), b"v2".to_vec())]);
+        assert_eq!(
+            s.scan_prefix("a", b"").unwrap(),
+            vec![(b"k2".to_vec(), b"v2".to_vec())]
+        );
         s.flush().unwrap();
     }
 
@@ -253,14 +310,29 @@ mod tests {
     #[test]
     fn mem_crash_loses_only_unflushed() {
         let s = MemStorage::new();
-        s.apply(vec![Op::Put { tree: "a", key: b"x".to_vec(), value: b"1".to_vec() }]).unwrap();
+        s.apply(vec![Op::Put {
+            tree: "a",
+            key: b"x".to_vec(),
+            value: b"1".to_vec(),
+        }])
+        .unwrap();
         s.flush().unwrap();
-        s.apply(vec![Op::Put { tree: "a", key: b"y".to_vec(), value: b"2".to_vec() }]).unwrap();
+        s.apply(vec![Op::Put {
+            tree: "a",
+            key: b"y".to_vec(),
+            value: b"2".to_vec(),
+        }])
+        .unwrap();
         s.crash();
         assert_eq!(s.get("a", b"x").unwrap(), Some(b"1".to_vec()));
         assert_eq!(s.get("a", b"y").unwrap(), None);
         s.set_fail_writes(Some("disk full"));
-        let e = s.apply(vec![Op::Delete { tree: "a", key: b"x".to_vec() }]).unwrap_err();
+        let e = s
+            .apply(vec![Op::Delete {
+                tree: "a",
+                key: b"x".to_vec(),
+            }])
+            .unwrap_err();
         assert!(e.to_string().contains("disk full"));
     }
 
@@ -269,7 +341,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = SledStorage::open(dir.path()).unwrap();
-            s.apply(vec![Op::Put { tree: "a", key: b"x".to_vec(), value: b"1".to_vec() }]).unwrap();
+            s.apply(vec![Op::Put {
+                tree: "a",
+                key: b"x".to_vec(),
+                value: b"1".to_vec(),
+            }])
+            .unwrap();
             s.flush().unwrap();
         }
         let s = SledStorage::open(dir.path()).unwrap();

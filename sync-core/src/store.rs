@@ -54,7 +54,11 @@ pub enum StoreError {
     Sealed { id: DocId, grace_ms: i64 },
     /// Incoming changes were refused by the authorisation guard.
     #[error("document {id}: change {hash} refused: {reason}")]
-    Refused { id: DocId, hash: String, reason: String },
+    Refused {
+        id: DocId,
+        hash: String,
+        reason: String,
+    },
     /// A sync message did not apply.
     #[error("document {id}: sync message did not apply: {reason}")]
     Sync { id: DocId, reason: String },
@@ -97,6 +101,9 @@ pub struct Changed {
     pub id: DocId,
     pub origin: Origin,
 }
+
+/// Decides whether an incoming change (with its author's signature) may be applied.
+pub type ChangeGuard<'a> = dyn Fn(&Change, &[u8; 64]) -> Result<(), String> + 'a;
 
 /// What a received sync message did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -170,10 +177,12 @@ fn encode_heads(h: &[ChangeHash]) -> Vec<u8> {
 }
 
 fn decode_heads(b: &[u8]) -> Option<Vec<ChangeHash>> {
-    if b.len() % 32 != 0 {
+    if !b.len().is_multiple_of(32) {
         return None;
     }
-    b.chunks(32).map(|c| c.try_into().ok().map(ChangeHash)).collect()
+    b.chunks(32)
+        .map(|c| c.try_into().ok().map(ChangeHash))
+        .collect()
 }
 
 /// The bytes a change's author signs: a domain tag and the change hash.
@@ -200,10 +209,17 @@ pub fn heads_digest(heads: &[ChangeHash]) -> [u8; 32] {
 impl DocStore {
     /// Open a store over `storage`, writing local changes as `actor` and
     /// signing them with `key` (the actor must belong to the key).
-    pub fn open(storage: Arc<dyn Storage>, key: NodeKey, actor: ActorId, cfg: StoreConfig) -> Result<DocStore, StoreError> {
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        key: NodeKey,
+        actor: ActorId,
+        cfg: StoreConfig,
+    ) -> Result<DocStore, StoreError> {
         let mut inner = Inner::default();
         for (k, v) in storage.scan_prefix("heads", b"")? {
-            let Ok(text) = String::from_utf8(k) else { continue };
+            let Ok(text) = String::from_utf8(k) else {
+                continue;
+            };
             let Ok(id) = text.parse::<DocId>() else {
                 tracing::warn!(key = %text, "ignoring stored document with an invalid id");
                 continue;
@@ -212,11 +228,23 @@ impl DocStore {
                 Some(h) => {
                     inner.heads.insert(id, h);
                 }
-                None => return Err(StoreError::Corrupt { id, reason: "heads record is not a multiple of 32 bytes".into() }),
+                None => {
+                    return Err(StoreError::Corrupt {
+                        id,
+                        reason: "heads record is not a multiple of 32 bytes".into(),
+                    });
+                }
             }
         }
         let (changes, _) = broadcast::channel(4096);
-        Ok(DocStore { storage, key, actor, cfg, inner: Mutex::new(inner), changes })
+        Ok(DocStore {
+            storage,
+            key,
+            actor,
+            cfg,
+            inner: Mutex::new(inner),
+            changes,
+        })
     }
 
     /// An in-memory store (tests, simulations), with a fresh actor of `key`.
@@ -269,7 +297,9 @@ impl DocStore {
     /// Whether a day-bucket document is sealed at `now`.
     pub fn is_sealed(&self, id: &DocId, now: Timestamp) -> bool {
         match (id.kind().lifetime(), id.day()) {
-            (Lifetime::DayBucket, Some(day)) => now.as_millis() > day.end().as_millis() + self.cfg.seal_grace_ms,
+            (Lifetime::DayBucket, Some(day)) => {
+                now.as_millis() > day.end().as_millis() + self.cfg.seal_grace_ms
+            }
             _ => false,
         }
     }
@@ -281,7 +311,12 @@ impl DocStore {
 
     /// Every document held that `filter` accepts, with its heads digest.
     pub fn manifest(&self, filter: &dyn Fn(&DocId) -> bool) -> Vec<(DocId, [u8; 32])> {
-        self.lock().heads.iter().filter(|(id, _)| filter(id)).map(|(id, h)| (id.clone(), heads_digest(h))).collect()
+        self.lock()
+            .heads
+            .iter()
+            .filter(|(id, _)| filter(id))
+            .map(|(id, h)| (id.clone(), heads_digest(h)))
+            .collect()
     }
 
     pub fn heads(&self, id: &DocId) -> Option<Vec<ChangeHash>> {
@@ -294,12 +329,21 @@ impl DocStore {
 
     pub fn stats(&self) -> StoreStats {
         let g = self.lock();
-        StoreStats { documents: g.heads.len(), loaded: g.loaded.len(), loaded_bytes_estimate: g.loaded_bytes }
+        StoreStats {
+            documents: g.heads.len(),
+            loaded: g.loaded.len(),
+            loaded_bytes_estimate: g.loaded_bytes,
+        }
     }
 
     /// Load `id` into memory if it is stored; with `create`, start it from
     /// genesis if it is not.
-    fn entry<'a>(&self, g: &'a mut Inner, id: &DocId, create: bool) -> Result<Option<&'a mut Entry>, StoreError> {
+    fn entry<'a>(
+        &self,
+        g: &'a mut Inner,
+        id: &DocId,
+        create: bool,
+    ) -> Result<Option<&'a mut Entry>, StoreError> {
         g.tick += 1;
         let tick = g.tick;
         if !g.loaded.contains_key(id) {
@@ -307,46 +351,71 @@ impl DocStore {
             if !stored && !create {
                 return Ok(None);
             }
-            let entry = if stored { self.load(id)? } else { self.fresh(id) };
+            let entry = if stored {
+                self.load(id)?
+            } else {
+                self.fresh(id)
+            };
             g.loaded_bytes += entry.stored_bytes * self.cfg.memory_factor;
             g.loaded.insert(id.clone(), entry);
             self.evict(g, id);
         }
-        let e = g.loaded.get_mut(id);
-        if let Some(e) = &e {
-            let _ = e;
-        }
-        Ok(e.map(|e| {
+        let entry = g.loaded.get_mut(id);
+        if let Some(e) = entry {
             e.last_used = tick;
-            e
-        }))
+            return Ok(Some(e));
+        }
+        Ok(None)
     }
 
     fn fresh(&self, id: &DocId) -> Entry {
-        let mut doc = genesis(id);
-        let heads = doc.get_heads();
-        let _ = heads;
-        Entry { doc, persisted_heads: Vec::new(), next_chunk: 0, chunks: 0, stored_bytes: 0, last_used: 0 }
+        let doc = genesis(id);
+        Entry {
+            doc,
+            persisted_heads: Vec::new(),
+            next_chunk: 0,
+            chunks: 0,
+            stored_bytes: 0,
+            last_used: 0,
+        }
     }
 
     fn load(&self, id: &DocId) -> Result<Entry, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt { id: id.clone(), reason };
+        let corrupt = |reason: String| StoreError::Corrupt {
+            id: id.clone(),
+            reason,
+        };
         let mut doc = match self.storage.get("snap", &id_key(id))? {
-            Some(bytes) => AutoCommit::load(&bytes).map_err(|e| corrupt(format!("snapshot: {e}")))?,
+            Some(bytes) => {
+                AutoCommit::load(&bytes).map_err(|e| corrupt(format!("snapshot: {e}")))?
+            }
             None => genesis(id),
         };
         let mut stored_bytes = 0u64;
         let mut next_chunk = 0;
         let chunks = self.storage.scan_prefix("chunk", &chunk_prefix(id))?;
         for (k, v) in &chunks {
-            doc.load_incremental(v).map_err(|e| corrupt(format!("chunk: {e}")))?;
+            doc.load_incremental(v)
+                .map_err(|e| corrupt(format!("chunk: {e}")))?;
             stored_bytes += v.len() as u64;
-            if let Some(seq) = k.len().checked_sub(8).and_then(|at| k[at..].try_into().ok()).map(u64::from_be_bytes) {
+            if let Some(seq) = k
+                .len()
+                .checked_sub(8)
+                .and_then(|at| k[at..].try_into().ok())
+                .map(u64::from_be_bytes)
+            {
                 next_chunk = next_chunk.max(seq + 1);
             }
         }
         let persisted_heads = doc.get_heads();
-        Ok(Entry { doc, persisted_heads, next_chunk, chunks: chunks.len() as u32, stored_bytes, last_used: 0 })
+        Ok(Entry {
+            doc,
+            persisted_heads,
+            next_chunk,
+            chunks: chunks.len() as u32,
+            stored_bytes,
+            last_used: 0,
+        })
     }
 
     fn evict(&self, g: &mut Inner, keep: &DocId) {
@@ -359,7 +428,9 @@ impl DocStore {
                 .map(|(id, _)| id.clone());
             let Some(victim) = victim else { break };
             if let Some(e) = g.loaded.remove(&victim) {
-                g.loaded_bytes = g.loaded_bytes.saturating_sub(e.stored_bytes * self.cfg.memory_factor);
+                g.loaded_bytes = g
+                    .loaded_bytes
+                    .saturating_sub(e.stored_bytes * self.cfg.memory_factor);
             }
         }
     }
@@ -368,7 +439,9 @@ impl DocStore {
     fn persist(&self, g: &mut Inner, id: &DocId, extra: Vec<Op>) -> Result<bool, StoreError> {
         let factor = self.cfg.memory_factor;
         let compact_after = self.cfg.compact_after_chunks;
-        let Some(e) = g.loaded.get_mut(id) else { return Ok(false) };
+        let Some(e) = g.loaded.get_mut(id) else {
+            return Ok(false);
+        };
         let heads = e.doc.get_heads();
         if heads == e.persisted_heads && extra.is_empty() {
             return Ok(false);
@@ -381,19 +454,34 @@ impl DocStore {
                 let snap = e.doc.save();
                 grew = snap.len() as u64;
                 for (k, _) in self.storage.scan_prefix("chunk", &chunk_prefix(id))? {
-                    ops.push(Op::Delete { tree: "chunk", key: k });
+                    ops.push(Op::Delete {
+                        tree: "chunk",
+                        key: k,
+                    });
                 }
-                ops.push(Op::Put { tree: "snap", key: id_key(id), value: snap });
+                ops.push(Op::Put {
+                    tree: "snap",
+                    key: id_key(id),
+                    value: snap,
+                });
                 e.chunks = 0;
                 e.stored_bytes = 0;
             } else {
                 let chunk = e.doc.save_after(&e.persisted_heads);
                 grew = chunk.len() as u64;
-                ops.push(Op::Put { tree: "chunk", key: chunk_key(id, e.next_chunk), value: chunk });
+                ops.push(Op::Put {
+                    tree: "chunk",
+                    key: chunk_key(id, e.next_chunk),
+                    value: chunk,
+                });
                 e.next_chunk += 1;
                 e.chunks += 1;
             }
-            ops.push(Op::Put { tree: "heads", key: id_key(id), value: encode_heads(&heads) });
+            ops.push(Op::Put {
+                tree: "heads",
+                key: id_key(id),
+                value: encode_heads(&heads),
+            });
         }
         self.storage.apply(ops)?;
         e.stored_bytes += grew;
@@ -415,21 +503,37 @@ impl DocStore {
         f: impl FnOnce(&mut AutoCommit) -> Result<R, DocError>,
     ) -> Result<R, StoreError> {
         if self.is_sealed(id, now) {
-            return Err(StoreError::Sealed { id: id.clone(), grace_ms: self.cfg.seal_grace_ms });
+            return Err(StoreError::Sealed {
+                id: id.clone(),
+                grace_ms: self.cfg.seal_grace_ms,
+            });
         }
         let mut g = self.lock();
-        let Some(e) = self.entry(&mut g, id, true)? else { unreachable!("create=true always yields an entry") };
+        let Some(e) = self.entry(&mut g, id, true)? else {
+            unreachable!("create=true always yields an entry")
+        };
         e.doc.set_actor(self.actor.clone());
         let out = match f(&mut e.doc) {
             Ok(v) => v,
             Err(source) => {
                 e.doc.rollback();
-                return Err(StoreError::Doc { id: id.clone(), source });
+                return Err(StoreError::Doc {
+                    id: id.clone(),
+                    source,
+                });
             }
         };
-        let hash = e.doc.commit_with(CommitOptions::default().with_time(now.as_millis() / 1000));
+        let hash = e
+            .doc
+            .commit_with(CommitOptions::default().with_time(now.as_millis() / 1000));
         let sig_ops = hash
-            .map(|h| vec![Op::Put { tree: "sig", key: h.0.to_vec(), value: self.key.sign(&change_sign_payload(&h)).to_vec() }])
+            .map(|h| {
+                vec![Op::Put {
+                    tree: "sig",
+                    key: h.0.to_vec(),
+                    value: self.key.sign(&change_sign_payload(&h)).to_vec(),
+                }]
+            })
             .unwrap_or_default();
         let changed = match self.persist(&mut g, id, sig_ops) {
             Ok(c) => c,
@@ -437,20 +541,29 @@ impl DocStore {
                 // Not persisted: drop the in-memory copy so memory never
                 // shows a change that storage does not have.
                 if let Some(e) = g.loaded.remove(id) {
-                    g.loaded_bytes = g.loaded_bytes.saturating_sub(e.stored_bytes * self.cfg.memory_factor);
+                    g.loaded_bytes = g
+                        .loaded_bytes
+                        .saturating_sub(e.stored_bytes * self.cfg.memory_factor);
                 }
                 return Err(err);
             }
         };
         drop(g);
         if changed {
-            let _ = self.changes.send(Changed { id: id.clone(), origin: Origin::Local });
+            let _ = self.changes.send(Changed {
+                id: id.clone(),
+                origin: Origin::Local,
+            });
         }
         Ok(out)
     }
 
     /// Read document `id`; `None` if the store does not hold it.
-    pub fn read<R>(&self, id: &DocId, f: impl FnOnce(&AutoCommit) -> R) -> Result<Option<R>, StoreError> {
+    pub fn read<R>(
+        &self,
+        id: &DocId,
+        f: impl FnOnce(&AutoCommit) -> R,
+    ) -> Result<Option<R>, StoreError> {
         let mut g = self.lock();
         Ok(self.entry(&mut g, id, false)?.map(|e| f(&e.doc)))
     }
@@ -462,9 +575,15 @@ impl DocStore {
 
     /// Produce the next sync message for `id` to a peer (from genesis if
     /// the document is new here).
-    pub fn generate_sync_message(&self, id: &DocId, state: &mut sync::State) -> Result<Option<sync::Message>, StoreError> {
+    pub fn generate_sync_message(
+        &self,
+        id: &DocId,
+        state: &mut sync::State,
+    ) -> Result<Option<sync::Message>, StoreError> {
         let mut g = self.lock();
-        let Some(e) = self.entry(&mut g, id, true)? else { return Ok(None) };
+        let Some(e) = self.entry(&mut g, id, true)? else {
+            return Ok(None);
+        };
         Ok(e.doc.sync().generate_sync_message(state))
     }
 
@@ -479,12 +598,17 @@ impl DocStore {
         state: &mut sync::State,
         msg: sync::Message,
         sigs: &[[u8; 64]],
-        guard: &dyn Fn(&Change, &[u8; 64]) -> Result<(), String>,
+        guard: &ChangeGuard<'_>,
     ) -> Result<Received, StoreError> {
         let mut g = self.lock();
-        let Some(e) = self.entry(&mut g, id, true)? else { return Ok(Received::default()) };
+        let Some(e) = self.entry(&mut g, id, true)? else {
+            return Ok(Received::default());
+        };
         let mut new_changes = 0;
-        let changes = message_changes(&msg).map_err(|reason| StoreError::Sync { id: id.clone(), reason })?;
+        let changes = message_changes(&msg).map_err(|reason| StoreError::Sync {
+            id: id.clone(),
+            reason,
+        })?;
         if changes.len() != sigs.len() {
             return Err(StoreError::Sync {
                 id: id.clone(),
@@ -498,25 +622,46 @@ impl DocStore {
             }
             new_changes += 1;
             if let Err(reason) = guard(change, sig) {
-                return Err(StoreError::Refused { id: id.clone(), hash: change.hash().to_string(), reason });
+                return Err(StoreError::Refused {
+                    id: id.clone(),
+                    hash: change.hash().to_string(),
+                    reason,
+                });
             }
             if *sig != NO_SIGNATURE {
-                sig_ops.push(Op::Put { tree: "sig", key: change.hash().0.to_vec(), value: sig.to_vec() });
+                sig_ops.push(Op::Put {
+                    tree: "sig",
+                    key: change.hash().0.to_vec(),
+                    value: sig.to_vec(),
+                });
             }
         }
         let before = e.doc.get_heads();
         e.doc
             .sync()
             .receive_sync_message(state, msg)
-            .map_err(|err| StoreError::Sync { id: id.clone(), reason: err.to_string() })?;
+            .map_err(|err| StoreError::Sync {
+                id: id.clone(),
+                reason: err.to_string(),
+            })?;
         let applied = e.doc.get_heads() != before;
-        sig_ops.push(Op::Put { tree: "sync", key: sync_key(&peer, id), value: state.encode() });
+        sig_ops.push(Op::Put {
+            tree: "sync",
+            key: sync_key(&peer, id),
+            value: state.encode(),
+        });
         let changed = self.persist(&mut g, id, sig_ops)?;
         drop(g);
         if changed {
-            let _ = self.changes.send(Changed { id: id.clone(), origin: Origin::Peer(peer) });
+            let _ = self.changes.send(Changed {
+                id: id.clone(),
+                origin: Origin::Peer(peer),
+            });
         }
-        Ok(Received { applied, changes: new_changes })
+        Ok(Received {
+            applied,
+            changes: new_changes,
+        })
     }
 
     /// The persisted sync state with `peer` for `id`, or a fresh one.
@@ -530,8 +675,17 @@ impl DocStore {
     }
 
     /// Persist the sync state with `peer` for `id`.
-    pub fn save_sync_state(&self, peer: &EndpointKey, id: &DocId, state: &sync::State) -> Result<(), StoreError> {
-        self.storage.apply(vec![Op::Put { tree: "sync", key: sync_key(peer, id), value: state.encode() }])?;
+    pub fn save_sync_state(
+        &self,
+        peer: &EndpointKey,
+        id: &DocId,
+        state: &sync::State,
+    ) -> Result<(), StoreError> {
+        self.storage.apply(vec![Op::Put {
+            tree: "sync",
+            key: sync_key(peer, id),
+            value: state.encode(),
+        }])?;
         Ok(())
     }
 
@@ -574,10 +728,13 @@ fn decode_chunk(data: &[u8]) -> Result<Vec<Change>, String> {
             .ok_or("chunk length exceeds the message")?;
         let (chunk, tail) = rest.split_at(total);
         if chunk_type == 0 {
-            let doc = automerge::Automerge::load(chunk).map_err(|e| format!("undecodable document chunk: {e}"))?;
+            let doc = automerge::Automerge::load(chunk)
+                .map_err(|e| format!("undecodable document chunk: {e}"))?;
             out.extend(doc.get_changes(&[]));
         } else {
-            out.push(Change::try_from(chunk).map_err(|e| format!("undecodable change chunk: {e}"))?);
+            out.push(
+                Change::try_from(chunk).map_err(|e| format!("undecodable change chunk: {e}"))?,
+            );
         }
         rest = tail;
     }
@@ -621,18 +778,29 @@ mod tests {
     #[test]
     fn changes_survive_reopen_and_compaction() {
         let mem = MemStorage::new();
-        let cfg = StoreConfig { compact_after_chunks: 4, ..StoreConfig::default() };
+        let cfg = StoreConfig {
+            compact_after_chunks: 4,
+            ..StoreConfig::default()
+        };
         {
             let s = open(&mem, cfg.clone());
             for i in 0..10 {
-                s.change(&id(), NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Number(f64::from(i)))).unwrap();
+                s.change(&id(), NOW, |d| {
+                    device::set_desired(d, "setpoint", &FieldValue::Number(f64::from(i)))
+                })
+                .unwrap();
             }
             s.flush().unwrap();
         }
         let chunks = mem.scan_prefix("chunk", b"").unwrap().len();
-        assert!(chunks < 4, "compaction keeps chunks bounded, found {chunks}");
+        assert!(
+            chunks < 4,
+            "compaction keeps chunks bounded, found {chunks}"
+        );
         let s = open(&mem, cfg);
-        let v = s.read(&id(), |d| device::desired_number(d, "setpoint").unwrap()).unwrap();
+        let v = s
+            .read(&id(), |d| device::desired_number(d, "setpoint").unwrap())
+            .unwrap();
         assert_eq!(v, Some(Some(9.0)));
     }
 
@@ -640,14 +808,21 @@ mod tests {
     fn crash_loses_only_unacknowledged_changes() {
         let mem = MemStorage::new();
         let s = open(&mem, StoreConfig::default());
-        s.change(&id(), NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Number(1.0))).unwrap();
+        s.change(&id(), NOW, |d| {
+            device::set_desired(d, "setpoint", &FieldValue::Number(1.0))
+        })
+        .unwrap();
         s.flush().unwrap(); // acknowledged
-        s.change(&id(), NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Number(2.0))).unwrap();
+        s.change(&id(), NOW, |d| {
+            device::set_desired(d, "setpoint", &FieldValue::Number(2.0))
+        })
+        .unwrap();
         let acked_heads = {
             let mem2 = mem.clone();
             mem2.crash();
             let s2 = open(&mem2, StoreConfig::default());
-            s2.read(&id(), |d| device::desired_number(d, "setpoint").unwrap()).unwrap()
+            s2.read(&id(), |d| device::desired_number(d, "setpoint").unwrap())
+                .unwrap()
         };
         assert_eq!(acked_heads, Some(Some(1.0)));
     }
@@ -656,41 +831,71 @@ mod tests {
     fn failed_closure_or_storage_writes_nothing() {
         let mem = MemStorage::new();
         let s = open(&mem, StoreConfig::default());
-        let e = s.change(&id(), NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Text("hot".into())));
+        let e = s.change(&id(), NOW, |d| {
+            device::set_desired(d, "setpoint", &FieldValue::Text("hot".into()))
+        });
         assert!(matches!(e, Err(StoreError::Doc { .. })));
         assert!(!s.contains(&id()));
         mem.set_fail_writes(Some("No space left on device"));
-        let e = s.change(&id(), NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Number(3.0))).unwrap_err();
+        let e = s
+            .change(&id(), NOW, |d| {
+                device::set_desired(d, "setpoint", &FieldValue::Number(3.0))
+            })
+            .unwrap_err();
         assert!(e.to_string().contains("No space left"), "{e}");
         mem.set_fail_writes(None);
-        assert_eq!(s.read(&id(), |d| device::desired_number(d, "setpoint").unwrap()).unwrap(), None);
+        assert_eq!(
+            s.read(&id(), |d| device::desired_number(d, "setpoint").unwrap())
+                .unwrap(),
+            None
+        );
     }
 
     #[test]
     fn sealed_day_documents_refuse_local_writes() {
         let s = DocStore::in_memory(key(1));
         let day = NOW.day();
-        let tel = DocId::telemetry(&"acme".parse().unwrap(), &"s1".parse().unwrap(), &"d".parse().unwrap(), day);
+        let tel = DocId::telemetry(
+            &"acme".parse().unwrap(),
+            &"s1".parse().unwrap(),
+            &"d".parse().unwrap(),
+            day,
+        );
         let r = s.change(&tel, NOW, |_| Ok(()));
         assert!(r.is_ok());
         let later = Timestamp(day.end().as_millis() + 3 * MS_PER_DAY);
-        assert!(matches!(s.change(&tel, later, |_| Ok(())), Err(StoreError::Sealed { .. })));
+        assert!(matches!(
+            s.change(&tel, later, |_| Ok(())),
+            Err(StoreError::Sealed { .. })
+        ));
     }
 
     #[test]
     fn eviction_keeps_memory_under_budget_and_reloads() {
-        let cfg = StoreConfig { memory_budget_bytes: 200_000, ..StoreConfig::default() };
+        let cfg = StoreConfig {
+            memory_budget_bytes: 200_000,
+            ..StoreConfig::default()
+        };
         let s = open(&MemStorage::new(), cfg);
-        let ids: Vec<DocId> = (0..50).map(|i| format!("t/acme/s/s1/dev/d{i}").parse().unwrap()).collect();
+        let ids: Vec<DocId> = (0..50)
+            .map(|i| format!("t/acme/s/s1/dev/d{i}").parse().unwrap())
+            .collect();
         for (i, id) in ids.iter().enumerate() {
-            s.change(id, NOW, |d| device::set_desired(d, "setpoint", &FieldValue::Number(i as f64))).unwrap();
+            s.change(id, NOW, |d| {
+                device::set_desired(d, "setpoint", &FieldValue::Number(i as f64))
+            })
+            .unwrap();
         }
         let st = s.stats();
         assert_eq!(st.documents, 50);
         assert!(st.loaded < 50, "some documents were evicted: {st:?}");
         assert!(st.loaded_bytes_estimate <= 200_000 + 80 * 2_000, "{st:?}");
         for (i, id) in ids.iter().enumerate() {
-            assert_eq!(s.read(id, |d| device::desired_number(d, "setpoint").unwrap()).unwrap(), Some(Some(i as f64)));
+            assert_eq!(
+                s.read(id, |d| device::desired_number(d, "setpoint").unwrap())
+                    .unwrap(),
+                Some(Some(i as f64))
+            );
         }
     }
 }

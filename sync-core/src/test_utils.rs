@@ -134,9 +134,19 @@ impl Sim {
             let node_key = NodeKey::from_bytes(rng.random::<[u8; 32]>());
             let key = node_key.public();
             let info = if i == 0 {
-                PeerInfo { key, role: Role::Hub, tenant: None, site: None }
+                PeerInfo {
+                    key,
+                    role: Role::Hub,
+                    tenant: None,
+                    site: None,
+                }
             } else {
-                PeerInfo { key, role: Role::Edge, tenant: Some(tenant.clone()), site: Some(site.clone()) }
+                PeerInfo {
+                    key,
+                    role: Role::Edge,
+                    tenant: Some(tenant.clone()),
+                    site: Some(site.clone()),
+                }
             };
             directory.insert(info.clone());
             infos.push((info, node_key));
@@ -148,9 +158,22 @@ impl Sim {
         };
         let day = Timestamp(EPOCH_MS).day();
         let docs: Vec<DocId> = vec![
-            DocId::device_doc(&tenant, &site, &"pump-1".parse().unwrap_or_else(|_| unreachable!())),
-            DocId::device_doc(&tenant, &site, &"room-1".parse().unwrap_or_else(|_| unreachable!())),
-            DocId::telemetry(&tenant, &site, &"room-1".parse().unwrap_or_else(|_| unreachable!()), day),
+            DocId::device_doc(
+                &tenant,
+                &site,
+                &"pump-1".parse().unwrap_or_else(|_| unreachable!()),
+            ),
+            DocId::device_doc(
+                &tenant,
+                &site,
+                &"room-1".parse().unwrap_or_else(|_| unreachable!()),
+            ),
+            DocId::telemetry(
+                &tenant,
+                &site,
+                &"room-1".parse().unwrap_or_else(|_| unreachable!()),
+                day,
+            ),
             DocId::commands(&tenant, &site, day),
         ];
         let mut sim = Sim {
@@ -174,11 +197,27 @@ impl Sim {
             let authz = Arc::new(Authz::new(info.clone(), scope));
             let store = sim.open_store(&storage, &key);
             let feed = store.subscribe();
-            sim.nodes.push(Node { info, key, storage, store, authz, feed, alive: true, acked: BTreeMap::new() });
+            sim.nodes.push(Node {
+                info,
+                key,
+                storage,
+                store,
+                authz,
+                feed,
+                alive: true,
+                acked: BTreeMap::new(),
+            });
         }
         for a in 0..sim.nodes.len() {
             for b in a + 1..sim.nodes.len() {
-                sim.links.push(Link { a, b, sessions: None, wire: VecDeque::new(), last_due: [[0; 2]; 2], partitioned: false });
+                sim.links.push(Link {
+                    a,
+                    b,
+                    sessions: None,
+                    wire: VecDeque::new(),
+                    last_due: [[0; 2]; 2],
+                    partitioned: false,
+                });
             }
         }
         sim
@@ -186,7 +225,12 @@ impl Sim {
 
     fn open_store(&mut self, storage: &MemStorage, key: &NodeKey) -> Arc<DocStore> {
         let actor = actor_for(&key.public(), self.rng.random::<[u8; 8]>());
-        match DocStore::open(Arc::new(storage.clone()), key.clone(), actor, StoreConfig::default()) {
+        match DocStore::open(
+            Arc::new(storage.clone()),
+            key.clone(),
+            actor,
+            StoreConfig::default(),
+        ) {
             Ok(s) => Arc::new(s),
             Err(e) => panic!("simulated store failed to open: {e}"),
         }
@@ -214,26 +258,43 @@ impl Sim {
         let res = match doc.kind() {
             schemas::ids::DocKind::Device => {
                 let field = ["setpoint", "high_limit", "label"][self.rng.random_range(0..3usize)];
-                let value = if field == "label" { FieldValue::Text(format!("v{v}")) } else { FieldValue::Number(v) };
-                node.store.change(&doc, ts, |d| docs::device::set_desired(d, field, &value))
+                let value = if field == "label" {
+                    FieldValue::Text(format!("v{v}"))
+                } else {
+                    FieldValue::Number(v)
+                };
+                node.store
+                    .change(&doc, ts, |d| docs::device::set_desired(d, field, &value))
             }
             schemas::ids::DocKind::Telemetry => {
                 let Some(device) = device else { return };
-                let s = Sample { schema_version: Default::default(), device, metric: "temp".into(), ts, value: v, unit: Default::default() };
+                let s = Sample {
+                    schema_version: Default::default(),
+                    device,
+                    metric: "temp".into(),
+                    ts,
+                    value: v,
+                    unit: Default::default(),
+                };
                 let r = Rollup::of_sample(&s, 60_000);
-                node.store.change(&doc, ts, |d| docs::telemetry::put_rollup(d, &r).map(|_| ()))
+                node.store
+                    .change(&doc, ts, |d| docs::telemetry::put_rollup(d, &r).map(|_| ()))
             }
             schemas::ids::DocKind::Commands => {
                 let c = schemas::command::Command {
                     schema_version: Default::default(),
                     id: format!("c{}-{}", n, self.edits),
                     target: "pump-1".parse().unwrap_or_else(|_| unreachable!()),
-                    action: schemas::command::CommandAction::WriteCoil { register: "run".into(), value: v > 50.0 },
+                    action: schemas::command::CommandAction::WriteCoil {
+                        register: "run".into(),
+                        value: v > 50.0,
+                    },
                     issued_by: "admin:sim".into(),
                     issued_at: ts,
                     expires_at: ts.saturating_add_ms(60_000),
                 };
-                node.store.change(&doc, ts, |d| docs::commands::put_request(d, &c))
+                node.store
+                    .change(&doc, ts, |d| docs::commands::put_request(d, &c))
             }
             _ => return,
         };
@@ -280,13 +341,23 @@ impl Sim {
     fn connect(&mut self, li: usize) {
         let now = self.now();
         let (a, b) = (self.links[li].a, self.links[li].b);
-        let cfg = SessionConfig { batch_delay: Duration::from_millis(5), ..SessionConfig::default() };
+        let cfg = SessionConfig {
+            batch_delay: Duration::from_millis(5),
+            ..SessionConfig::default()
+        };
         let dir: Arc<dyn crate::authz::Directory> = self.directory.clone();
         let (na, nb) = (&self.nodes[a], &self.nodes[b]);
         if na.authz.may_connect(&nb.info).is_err() || nb.authz.may_connect(&na.info).is_err() {
             return;
         }
-        let sa = Session::new(cfg.clone(), na.authz.clone(), dir.clone(), nb.info.clone(), &na.store, now);
+        let sa = Session::new(
+            cfg.clone(),
+            na.authz.clone(),
+            dir.clone(),
+            nb.info.clone(),
+            &na.store,
+            now,
+        );
         let sb = Session::new(cfg, nb.authz.clone(), dir, na.info.clone(), &nb.store, now);
         let l = &mut self.links[li];
         l.sessions = Some((sa, sb));
@@ -314,8 +385,16 @@ impl Sim {
                 }
             }
             for l in &mut self.links {
-                let Some((sa, sb)) = &mut l.sessions else { continue };
-                let s = if l.a == n { sa } else if l.b == n { sb } else { continue };
+                let Some((sa, sb)) = &mut l.sessions else {
+                    continue;
+                };
+                let s = if l.a == n {
+                    sa
+                } else if l.b == n {
+                    sb
+                } else {
+                    continue;
+                };
                 if lagged {
                     s.handle_resync(&self.nodes[n].store);
                 }
@@ -331,7 +410,9 @@ impl Sim {
                 let node = if side == 0 { a } else { b };
                 loop {
                     let l = &mut self.links[li];
-                    let Some((sa, sb)) = &mut l.sessions else { break };
+                    let Some((sa, sb)) = &mut l.sessions else {
+                        break;
+                    };
                     let s = if side == 0 { sa } else { sb };
                     let t = match s.poll_transmit(&self.nodes[node].store, now) {
                         Ok(Some(t)) => t,
@@ -359,20 +440,27 @@ impl Sim {
             let mut due: Vec<(u64, usize, Plane, Vec<u8>)> = Vec::new();
             let mut keep = VecDeque::new();
             for m in l.wire.drain(..) {
-                if m.0 <= self.now_ms { due.push(m) } else { keep.push_back(m) }
+                if m.0 <= self.now_ms {
+                    due.push(m)
+                } else {
+                    keep.push_back(m)
+                }
             }
             l.wire = keep;
             due.sort_by_key(|m| m.0);
             for (_, to, plane, bytes) in due {
                 let node = if to == 0 { a } else { b };
                 let l = &mut self.links[li];
-                let Some((sa, sb)) = &mut l.sessions else { break };
+                let Some((sa, sb)) = &mut l.sessions else {
+                    break;
+                };
                 let s = if to == 0 { sa } else { sb };
                 let r = s.handle_data(plane, &bytes, &self.nodes[node].store, now);
                 while let Some(ev) = s.poll_event() {
                     match ev {
                         crate::session::Event::Refused { .. } => self.refused += 1,
-                        crate::session::Event::Limit { message, .. } | crate::session::Event::PeerError { message, .. } => {
+                        crate::session::Event::Limit { message, .. }
+                        | crate::session::Event::PeerError { message, .. } => {
                             self.limits.push(message)
                         }
                         _ => {}
@@ -412,7 +500,9 @@ impl Sim {
                 match &seen {
                     None => seen = Some((i, h)),
                     Some((j, other)) if *other != h => {
-                        return Err(format!("{doc}: node {j} heads {other:?} != node {i} heads {h:?}"));
+                        return Err(format!(
+                            "{doc}: node {j} heads {other:?} != node {i} heads {h:?}"
+                        ));
                     }
                     Some(_) => {}
                 }
@@ -425,9 +515,16 @@ impl Sim {
                         continue;
                     }
                     for h in heads {
-                        let has = m.store.read(doc, |d| ReadDoc::get_change_by_hash(d, h).is_some()).ok().flatten();
+                        let has = m
+                            .store
+                            .read(doc, |d| ReadDoc::get_change_by_hash(d, h).is_some())
+                            .ok()
+                            .flatten();
                         if has != Some(true) {
-                            return Err(format!("{doc}: change {h} acknowledged by node {i} is missing at node {}", m.info.key.short()));
+                            return Err(format!(
+                                "{doc}: change {h} acknowledged by node {i} is missing at node {}",
+                                m.info.key.short()
+                            ));
                         }
                     }
                 }

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sync_core::test_utils::run_seed;
 
 fn seed_count() -> u64 {
-    std::env::var("FIELDSYNC_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000)
+    std::env::var("FIELDSYNC_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000)
 }
 
 #[test]
@@ -18,7 +21,9 @@ fn sessions_converge_for_many_seeds() {
     let next = AtomicU64::new(0);
     let frames = AtomicU64::new(0);
     let failures = Mutex::new(Vec::new());
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(4);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
@@ -45,13 +50,20 @@ fn sessions_converge_for_many_seeds() {
         failures.join("\n")
     );
     let secs = start.elapsed().as_secs_f64();
-    eprintln!("{n} seeds, {} frames, {secs:.1} s, {:.0} seeds/s", frames.load(Ordering::Relaxed), n as f64 / secs);
+    eprintln!(
+        "{n} seeds, {} frames, {secs:.1} s, {:.0} seeds/s",
+        frames.load(Ordering::Relaxed),
+        n as f64 / secs
+    );
 }
 
 /// Replays one seed (FIELDSYNC_SEED, or a pinned one) twice: same outcome.
 #[test]
 fn replay_seed() {
-    let seed = std::env::var("FIELDSYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let seed = std::env::var("FIELDSYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
     let a = run_seed(seed);
     let b = run_seed(seed);
     match (&a, &b) {
