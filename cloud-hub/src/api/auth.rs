@@ -108,20 +108,36 @@ fn hash(token: &str) -> [u8; 32] {
     *blake3::hash(token.as_bytes()).as_bytes()
 }
 
+/// The BLAKE3 hash under which a token is stored.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    hash(token)
+}
+
+/// Check a user name: 1..=64 characters of `[A-Za-z0-9._-]`.
+pub fn check_user_name(name: &str) -> Result<(), TokenError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(TokenError::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+/// A fresh random token (`fsu_` and 64 hex digits).
+pub fn generate_token() -> Result<String, TokenError> {
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| TokenError::Random(e.to_string()))?;
+    Ok(format!("{TOKEN_PREFIX}{}", hex::encode(raw)))
+}
+
 impl TokenStore {
     /// Create a token for user `name` with `scope`; returns the plaintext.
     pub fn create_user_token(&self, name: &str, scope: Scope) -> Result<String, TokenError> {
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
-            return Err(TokenError::BadName(name.to_string()));
-        }
-        let mut raw = [0u8; 32];
-        getrandom::fill(&mut raw).map_err(|e| TokenError::Random(e.to_string()))?;
-        let token = format!("{TOKEN_PREFIX}{}", hex::encode(raw));
+        check_user_name(name)?;
+        let token = generate_token()?;
         self.lock().insert(
             hash(&token),
             TokenRecord {
@@ -130,6 +146,37 @@ impl TokenStore {
             },
         );
         Ok(token)
+    }
+
+    /// Add a token known only by its hash (loaded from the token file).
+    pub fn insert_hashed(&self, hash: [u8; 32], name: &str, scope: Scope) {
+        self.lock().insert(
+            hash,
+            TokenRecord {
+                name: name.to_string(),
+                scope,
+            },
+        );
+    }
+
+    /// Replace every token by `entries` (hash, user name, scope), e.g. after
+    /// the token file changed.
+    pub fn replace_all(&self, entries: Vec<([u8; 32], String, Scope)>) {
+        let mut g = self.lock();
+        g.clear();
+        for (h, name, scope) in entries {
+            g.insert(h, TokenRecord { name, scope });
+        }
+    }
+
+    /// Number of tokens held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no token is held.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 
     /// Forget a token. Returns whether it existed.

@@ -15,7 +15,10 @@ const STYLE_CSS: &str = include_str!("style.css");
 pub fn router() -> Router {
     Router::new()
         .route("/", get(|| async { Redirect::temporary("/dashboard/") }))
-        .route("/dashboard", get(|| async { Redirect::temporary("/dashboard/") }))
+        .route(
+            "/dashboard",
+            get(|| async { Redirect::temporary("/dashboard/") }),
+        )
         .route("/dashboard/", get(index))
         .route("/dashboard/app.js", get(app_js))
         .route("/dashboard/style.css", get(style_css))
