@@ -6,3 +6,4 @@ pub mod raw_zone;
 pub mod summariser;
 pub mod control;
 pub mod alarms;
+pub mod ingest;
