@@ -79,6 +79,9 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// API users: bearer tokens for the HTTP API and dashboard.
+    #[command(subcommand)]
+    User(cloud_hub::users::UserCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,6 +232,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let who = actor(&cli.global);
     match cli.command {
         Command::Init => init(&paths, &who),
+        Command::User(cmd) => {
+            cloud_hub::users::run_cli(cmd, &paths.data_dir, &paths.audit, &paths.key, &who, now())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Token(TokenCmd::Create {
             tenant,
             site,

@@ -55,6 +55,153 @@ pub enum UsersError {
         "bad scope {input:?}: {reason} (expected admin, analyst:TENANT or operator:TENANT:SITE)"
     )]
     BadScope { input: String, reason: String },
+    /// The hub key could not be loaded (run `cloud-hub init` first).
+    #[error("hub key: {0}")]
+    Key(#[from] crate::keys::KeyError),
+    /// The audit log could not be opened or appended to.
+    #[error("{context}: {source}")]
+    Audit {
+        context: &'static str,
+        #[source]
+        source: crate::audit::AuditError,
+    },
+}
+
+/// `cloud-hub user ...`: API user tokens.
+#[derive(Debug, clap::Subcommand)]
+pub enum UserCmd {
+    /// API bearer tokens of users.
+    #[command(subcommand)]
+    Token(UserTokenCmd),
+}
+
+/// `cloud-hub user token ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum UserTokenCmd {
+    /// Create a token; prints the plaintext once on stdout (only its hash is stored).
+    Create {
+        /// admin, analyst:TENANT or operator:TENANT:SITE.
+        #[arg(long)]
+        scope: String,
+        /// User name (A-Z a-z 0-9 . _ -); defaults to the acting user.
+        #[arg(long)]
+        name: Option<String>,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List users with a token and their scopes.
+    List {
+        /// Print JSON records instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a user's token.
+    Revoke {
+        /// User name.
+        name: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// Run a `cloud-hub user` command against `data_dir`, auditing changes in
+/// the log at `audit_path` signed with the key at `key_path`. A running hub
+/// holds the audit log: like the other offline commands, create and revoke
+/// need the hub stopped (or its `reload_token_store` to pick them up).
+pub fn run_cli(
+    cmd: UserCmd,
+    data_dir: &Path,
+    audit_path: &Path,
+    key_path: &Path,
+    actor: &str,
+    now: schemas::time::Timestamp,
+) -> Result<(), UsersError> {
+    let UserCmd::Token(cmd) = cmd;
+    let open_log = || -> Result<crate::audit::AuditLog, UsersError> {
+        let key = crate::keys::load(key_path)?;
+        let (log, outcome) =
+            crate::audit::AuditLog::open(audit_path, key, now).map_err(|source| {
+                UsersError::Audit {
+                    context: "open the audit log",
+                    source,
+                }
+            })?;
+        if let Some((finding, saved)) = outcome.repaired {
+            eprintln!(
+                "note: repaired the audit log: {finding}; torn bytes saved to {}",
+                saved.display()
+            );
+        }
+        Ok(log)
+    };
+    let after_change = |source| UsersError::Audit {
+        context: "the token file WAS changed, but recording it in the audit log failed; add the entry by hand",
+        source,
+    };
+    match cmd {
+        UserTokenCmd::Create {
+            scope,
+            name,
+            reason,
+        } => {
+            let scope = parse_scope(&scope)?;
+            let name =
+                name.unwrap_or_else(|| actor.rsplit(':').next().unwrap_or(actor).to_string());
+            let mut log = open_log()?;
+            let token = create_user_token(data_dir, &name, scope.clone())?;
+            log.append(
+                &crate::audit::AuditRecord {
+                    actor: actor.to_string(),
+                    action: "user.token.create".into(),
+                    target: format!("user:{name}"),
+                    reason: reason.trim().to_string(),
+                    details: serde_json::json!({ "scope": format_scope(&scope) }).to_string(),
+                },
+                now,
+            )
+            .map_err(after_change)?;
+            eprintln!(
+                "created a token for {name} ({}); it is shown once, store it now",
+                format_scope(&scope)
+            );
+            println!("{token}");
+        }
+        UserTokenCmd::List { json } => {
+            let tokens = list_user_tokens(data_dir)?;
+            if json {
+                for t in &tokens {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "name": t.name, "scope": format_scope(&t.scope) })
+                    );
+                }
+            } else {
+                println!("{:<24} SCOPE", "NAME");
+                for t in &tokens {
+                    println!("{:<24} {}", t.name, format_scope(&t.scope));
+                }
+            }
+        }
+        UserTokenCmd::Revoke { name, reason } => {
+            let mut log = open_log()?;
+            let gone = revoke_user_token(data_dir, &name)?;
+            log.append(
+                &crate::audit::AuditRecord {
+                    actor: actor.to_string(),
+                    action: "user.token.revoke".into(),
+                    target: format!("user:{name}"),
+                    reason: reason.trim().to_string(),
+                    details: serde_json::json!({ "scope": format_scope(&gone.scope) }).to_string(),
+                },
+                now,
+            )
+            .map_err(after_change)?;
+            eprintln!("revoked the token of {name}");
+        }
+    }
+    Ok(())
 }
 
 /// One stored token: its user, scope and hash (never the plaintext).
