@@ -894,4 +894,117 @@ mod tests {
             assert_eq!(a, b, "{id}");
         }
     }
+
+    fn limit_events(s: &mut Session) -> Vec<(ErrorCode, String)> {
+        std::iter::from_fn(|| s.poll_event())
+            .filter_map(|e| match e {
+                Event::Limit { code, message, .. } => Some((code, message)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn oversized_frame_is_an_error_frame_and_ends_the_session() {
+        let (ha, ea, dir) = pair();
+        let (hs, _es) = stores();
+        let now = Instant::now();
+        let cfg = SessionConfig {
+            max_frame: 1024,
+            ..SessionConfig::default()
+        };
+        let mut h = Session::new(cfg, ha, dir, ea.local.clone(), &hs, now);
+        let r = h.handle_data(Plane::Command, &[0, 1, 0, 0], &hs, now);
+        assert!(
+            matches!(
+                r,
+                Err(SessionError::Frame(FrameError::TooLarge {
+                    len: 65536,
+                    max: 1024
+                }))
+            ),
+            "{r:?}"
+        );
+        let ev = limit_events(&mut h);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].0, ErrorCode::FrameTooLarge);
+        // The error frame is queued for the peer.
+        let mut frames = Vec::new();
+        while let Some(t) = h.poll_transmit(&hs, now).unwrap() {
+            frames.push(Frame::decode(&t.bytes[4..]).unwrap());
+        }
+        assert!(
+            frames
+                .iter()
+                .any(|f| matches!(f, Frame::Error { code: 2, .. })),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn too_many_documents_in_a_manifest_is_refused() {
+        let (ha, ea, dir) = pair();
+        let (hs, _es) = stores();
+        let now = Instant::now();
+        let cfg = SessionConfig {
+            max_docs: 3,
+            ..SessionConfig::default()
+        };
+        let mut h = Session::new(cfg, ha, dir, ea.local.clone(), &hs, now);
+        let entries = (0..5)
+            .map(|i| ManifestEntry {
+                doc: format!("t/acme/s/s1/dev/d{i}").parse().unwrap(),
+                digest: [0; DIGEST_LEN],
+            })
+            .collect();
+        let bytes = Frame::Manifest {
+            entries,
+            last: true,
+        }
+        .encode();
+        h.handle_data(Plane::Command, &bytes, &hs, now).unwrap();
+        let ev = limit_events(&mut h);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].0, ErrorCode::TooManyDocuments);
+    }
+
+    #[test]
+    fn bytes_per_second_limit_defers_sending() {
+        let (ha, ea, dir) = pair();
+        let (hs, es) = stores();
+        let t0 = Instant::now();
+        let cfg = SessionConfig {
+            bytes_per_sec: 1000,
+            max_frame: 1000,
+            ..SessionConfig::default()
+        };
+        let mut h = Session::new(cfg, ha, dir, ea.local.clone(), &hs, t0);
+        let _ = &es;
+        // Fill the queue with more than a second's worth of frames.
+        for i in 0..20 {
+            let id: DocId = format!("t/acme/s/s1/dev/d{i}").parse().unwrap();
+            hs.change(&id, Timestamp(1_800_000_000_000), |d| {
+                device::set_desired(d, "label", &FieldValue::Text("x".repeat(40)))
+            })
+            .unwrap();
+            h.handle_local_change(&id, t0);
+        }
+        let mut sent = 0usize;
+        while let Some(t) = h.poll_transmit(&hs, t0).unwrap() {
+            sent += t.bytes.len();
+        }
+        assert!(
+            sent <= 2000,
+            "sent {sent} bytes at once with a 1000 B/s budget"
+        );
+        let wake = h
+            .poll_timeout()
+            .expect("throttled session must ask to be woken");
+        assert!(wake > t0);
+        let mut later = 0usize;
+        while let Some(t) = h.poll_transmit(&hs, t0 + Duration::from_secs(30)).unwrap() {
+            later += t.bytes.len();
+        }
+        assert!(later > 0, "nothing sent after the budget refilled");
+    }
 }
