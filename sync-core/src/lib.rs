@@ -14,5 +14,7 @@ pub mod store;
 pub mod authz;
 pub mod protocol;
 pub mod session;
+pub mod registry;
+pub mod enrol;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
