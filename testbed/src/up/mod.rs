@@ -302,7 +302,21 @@ pub async fn up(opts: &UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     }
     prepare_data_dir(&opts.data_dir)?;
     let mut started = Started::default();
-    let result = run(opts, &plan, &mut started, shutdown).await;
+    // Race the bring-up against the stop signal too, so Ctrl-C while the
+    // fleet is starting stops what was started.
+    tokio::pin!(shutdown);
+    let brought = tokio::select! {
+        r = bring_up(opts, &plan, &mut started) => Some(r),
+        () = &mut shutdown => None,
+    };
+    let result = match brought {
+        Some(Ok(())) => watch_until(&mut started, shutdown).await,
+        Some(Err(e)) => Err(e),
+        None => {
+            println!("interrupted while starting");
+            Ok(())
+        }
+    };
     println!("stopping...");
     for line in started.stop(opts.stop_grace).await {
         println!("  {line}");
@@ -317,11 +331,11 @@ pub async fn up(opts: &UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     result
 }
 
-async fn run(
+/// Start everything; return once the fleet is up and announced.
+async fn bring_up(
     opts: &UpOptions,
     plan: &FleetPlan,
     started: &mut Started,
-    shutdown: impl Future<Output = ()>,
 ) -> Result<(), UpError> {
     let dir = &opts.data_dir;
     let logs = dir.join("logs");
@@ -535,16 +549,14 @@ async fn run(
     std::fs::write(&fleet_json, summary.to_string())
         .map_err(io(format!("write {}", fleet_json.display())))?;
     print_summary(opts, plan, started, hub_ready.http, &admin);
-
-    watch_until(started, shutdown).await
+    Ok(())
 }
 
 /// Run until `shutdown` or until a child exits on its own (an error).
 async fn watch_until(
     started: &mut Started,
-    shutdown: impl Future<Output = ()>,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), UpError> {
-    tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
