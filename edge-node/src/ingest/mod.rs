@@ -30,6 +30,7 @@ mod http;
 mod mqtt;
 pub(crate) mod perimeter;
 mod store;
+pub mod test_broker;
 
 use std::collections::HashMap;
 use std::future::Future;
