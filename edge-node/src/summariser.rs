@@ -23,7 +23,11 @@
 //!   (`now - late_horizon`, rounded to a window), advanced only at a flush,
 //!   after which nothing is dirty. Eviction is by watermark, so "evicted" is
 //!   one number, persisted in the checkpoint.
-//! - A sample whose window is below the watermark is *too late* for its main
+//! - A window still in memory whose first sample is more than
+//!   `max_replay_samples` seqs old is *frozen* at a flush (evicted and listed
+//!   in the checkpoint), so a window stamped far in the future cannot pin
+//!   the replay point, and with it the raw zone's retention, for ever.
+//! - A sample whose window is below the watermark (or frozen) is *too late* for its main
 //!   rollup (the window is no longer in memory and rebuilding it would need
 //!   samples we no longer hold). It still lands in its own window: it is
 //!   written as a one-sample part keyed `(.., late_seq: Some(seq))`, which is
@@ -70,7 +74,7 @@
 //! the boot it applies to) persisted with the seq range, which `schemas`
 //! does not carry yet.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use schemas::ids::DeviceId;
@@ -123,6 +127,11 @@ pub struct SummariserConfig {
     /// Keep windows in memory this long after `now` passed them; later
     /// samples become late parts. Restart replays about this much raw data.
     pub late_horizon_ms: i64,
+    /// Freeze a window (write later samples of it as parts) once its first
+    /// sample is this many seqs behind, so no window (one stamped far in
+    /// the future by a clock that jumped back, say) pins the replay point
+    /// and the raw zone's retention.
+    pub max_replay_samples: u64,
 }
 
 impl Default for SummariserConfig {
@@ -131,6 +140,7 @@ impl Default for SummariserConfig {
             window_ms: 60_000,
             flush_interval_ms: 10_000,
             late_horizon_ms: 3_600_000,
+            max_replay_samples: 10_000_000,
         }
     }
 }
@@ -162,7 +172,7 @@ impl SummariserConfig {
 
 /// What the caller persists after a flush is durably written, and resumes
 /// from after a restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub schema_version: SchemaVersion,
     /// Every sample with a smaller seq is in a written rollup.
@@ -173,6 +183,20 @@ pub struct Checkpoint {
     pub evicted_below: i64,
     /// Same for the unsynced-clock lane.
     pub evicted_below_unsynced: i64,
+    /// Windows above the watermarks that were evicted anyway (frozen, see
+    /// [`SummariserConfig::max_replay_samples`]).
+    #[serde(default)]
+    pub frozen: Vec<FrozenWindow>,
+}
+
+/// A window evicted above its lane's watermark: its later samples are
+/// written as parts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FrozenWindow {
+    pub device: DeviceId,
+    pub metric: String,
+    pub window_start: i64,
+    pub clock_unsynced: bool,
 }
 
 impl Default for Checkpoint {
@@ -183,6 +207,7 @@ impl Default for Checkpoint {
             replay_from: 0,
             evicted_below: i64::MIN,
             evicted_below_unsynced: i64::MIN,
+            frozen: Vec::new(),
         }
     }
 }
@@ -443,6 +468,8 @@ pub struct Summariser {
     /// Next seq expected at least.
     next_seq: Seq,
     ck: Checkpoint,
+    /// (series, lane, window start) of frozen windows (mirrors `ck.frozen`).
+    frozen: HashSet<(usize, usize, i64)>,
     /// Newest unsynced timestamp seen (the unsynced lane's clock).
     max_unsynced_ts: Option<i64>,
     unsynced_since_flush: bool,
@@ -460,7 +487,7 @@ impl Summariser {
     /// every raw sample from [`Summariser::replay_from`] on, in seq order.
     pub fn resume(cfg: SummariserConfig, ck: Checkpoint) -> Result<Summariser, SummariserError> {
         cfg.validate()?;
-        Ok(Summariser {
+        let mut sm = Summariser {
             cfg,
             index: HashMap::new(),
             series: Vec::new(),
@@ -468,11 +495,18 @@ impl Summariser {
             late: Vec::new(),
             next_seq: ck.replay_from,
             ck,
+            frozen: HashSet::new(),
             max_unsynced_ts: None,
             unsynced_since_flush: false,
             last_flush: None,
             awaiting_ack: false,
-        })
+        };
+        for f in sm.ck.frozen.clone() {
+            let idx = sm.series_index(&f.device, &f.metric);
+            sm.frozen
+                .insert((idx, usize::from(f.clock_unsynced), f.window_start));
+        }
+        Ok(sm)
     }
 
     /// The seq to start reading the raw zone from after [`Summariser::resume`].
@@ -486,8 +520,8 @@ impl Summariser {
     }
 
     /// The last checkpoint (persisted or about to be).
-    pub fn checkpoint(&self) -> Checkpoint {
-        self.ck
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.ck
     }
 
     /// Windows currently held in memory.
@@ -522,7 +556,8 @@ impl Summariser {
         } else {
             self.ck.evicted_below_unsynced
         };
-        if ws < watermark {
+        let idx = self.series_index(&s.device, &s.metric);
+        if ws < watermark || (!self.frozen.is_empty() && self.frozen.contains(&(idx, lane, ws))) {
             // Too late for the window's main rollup: already written (when
             // replaying) or to be written as its own part.
             if !replaying {
@@ -530,7 +565,6 @@ impl Summariser {
             }
             return Ok(());
         }
-        let idx = self.series_index(&s.device, &s.metric);
         let windows = &mut self.series[idx].lanes[lane];
         let w = match windows.entry(ws) {
             std::collections::btree_map::Entry::Vacant(v) => v.insert(Window {
@@ -668,19 +702,42 @@ impl Summariser {
             self.ck.evicted_below_unsynced = self.ck.evicted_below_unsynced.max(e1);
         }
         let marks = [self.ck.evicted_below, self.ck.evicted_below_unsynced];
+        // Frozen windows below a watermark are covered by it now.
+        self.frozen.retain(|&(_, lane, ws)| ws >= marks[lane]);
+        let freeze_before = self.next_seq.saturating_sub(self.cfg.max_replay_samples);
         let mut replay_from = self.next_seq;
-        for s in &mut self.series {
+        for (idx, s) in self.series.iter_mut().enumerate() {
             for (lane, windows) in s.lanes.iter_mut().enumerate() {
                 if marks[lane] == i64::MAX {
                     windows.clear();
                 } else {
                     *windows = windows.split_off(&marks[lane]);
                 }
+                windows.retain(|&ws, win| {
+                    if win.first_seq < freeze_before {
+                        self.frozen.insert((idx, lane, ws));
+                        false
+                    } else {
+                        true
+                    }
+                });
                 for win in windows.values() {
                     replay_from = replay_from.min(win.first_seq);
                 }
             }
         }
+        let mut frozen: Vec<FrozenWindow> = self
+            .frozen
+            .iter()
+            .map(|&(idx, lane, ws)| FrozenWindow {
+                device: self.series[idx].device.clone(),
+                metric: self.series[idx].metric.clone(),
+                window_start: ws,
+                clock_unsynced: lane == 1,
+            })
+            .collect();
+        frozen.sort();
+        self.ck.frozen = frozen;
         self.ck.flushed_before = self.ck.flushed_before.max(self.next_seq);
         self.ck.replay_from = replay_from;
         self.unsynced_since_flush = false;
@@ -688,7 +745,7 @@ impl Summariser {
         self.awaiting_ack = true;
         Some(Flush {
             writes,
-            checkpoint: self.ck,
+            checkpoint: self.ck.clone(),
         })
     }
 
@@ -788,6 +845,52 @@ mod tests {
     }
 
     #[test]
+    fn a_future_window_does_not_pin_the_replay_point() {
+        let cfg = SummariserConfig {
+            max_replay_samples: 100,
+            ..SummariserConfig::default()
+        };
+        let mut sm = Summariser::new(cfg.clone()).unwrap();
+        // A clock that ran a year ahead, then was set right.
+        let future = T0 + 365 * 86_400_000;
+        sm.handle_sample(0, &s(future, 9.0)).unwrap();
+        let mut now = T0;
+        for seq in 1..1000 {
+            now += 1000;
+            sm.handle_sample(seq, &s(now, 1.0)).unwrap();
+            if sm.poll_flush(Timestamp(now)).is_some() {
+                sm.handle_flushed();
+            }
+        }
+        let ck = sm.checkpoint().clone();
+        assert!(
+            ck.replay_from > 800,
+            "replay point moved on: {}",
+            ck.replay_from
+        );
+        // The future window is frozen (so are recent windows more than 100
+        // seqs old, with this tiny limit); the frozen list stays bounded.
+        let fw = Timestamp(future).window_start(60_000).0;
+        assert!(ck.frozen.iter().any(|f| f.window_start == fw));
+        assert!(ck.frozen.len() <= 62, "{}", ck.frozen.len());
+        // After a restart, a new sample of the frozen window is a part.
+        let mut sm = Summariser::resume(cfg, ck.clone()).unwrap();
+        for seq in ck.replay_from..1000 {
+            sm.handle_sample(seq, &s(T0 + seq as i64 * 1000, 1.0))
+                .unwrap();
+        }
+        sm.handle_sample(1000, &s(future + 1, 2.0)).unwrap();
+        let f = sm.force_flush(Timestamp(now)).unwrap();
+        let part: Vec<_> = f
+            .writes
+            .iter()
+            .filter(|w| w.key.late_seq.is_some())
+            .collect();
+        assert_eq!(part.len(), 1);
+        assert_eq!(part[0].key.late_seq, Some(1000));
+    }
+
+    #[test]
     fn duplicate_seq_refused() {
         let mut sm = Summariser::new(SummariserConfig::default()).unwrap();
         sm.handle_sample(3, &s(T0, 1.0)).unwrap();
@@ -869,13 +972,13 @@ pub mod pipeline {
         ) -> Result<Self, PipelineError<S::Error>> {
             let ck_path = ck_path.into();
             let persisted = Checkpoint::load(&ck_path)?.unwrap_or_default();
-            let sm = Summariser::resume(cfg, persisted)?;
+            let sm = Summariser::resume(cfg, persisted.clone())?;
             let mut p = Pipeline {
                 zone,
                 sm,
                 sink,
                 ck_path,
-                persisted,
+                persisted: persisted.clone(),
                 pending: None,
             };
             p.ingest()?;
@@ -908,8 +1011,8 @@ pub mod pipeline {
                     .map_err(PipelineError::Sink)?;
                 f.checkpoint.save(&self.ck_path)?;
                 report.written = f.writes.len();
-                report.checkpoint = Some(f.checkpoint);
-                self.persisted = f.checkpoint;
+                report.checkpoint = Some(f.checkpoint.clone());
+                self.persisted = f.checkpoint.clone();
                 self.pending = None;
                 self.sm.handle_flushed();
             }

@@ -389,7 +389,7 @@ fn compaction_forgets_only_long_expired_ids() {
 // ------------------------------------------------------------ kill -9 test
 
 const CHILD_ENV: &str = "FIELDSYNC_COMMANDS_CHILD_DIR";
-const N_COMMANDS: usize = 3000;
+const N_COMMANDS: usize = 800;
 
 /// Records each effect as a fsynced line, like a device that remembers.
 struct FileActuator {
