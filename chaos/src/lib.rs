@@ -30,7 +30,9 @@
 //! ```
 
 pub mod check;
+pub mod fleet;
 pub mod link;
 pub mod mesh;
 pub mod report;
 pub mod scenario;
+pub mod sim;

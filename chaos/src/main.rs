@@ -16,6 +16,7 @@ use chaos::check::{self, RunRecord};
 use chaos::link::{Direction, LinkFaults, Relay, RelayConfig};
 use chaos::report;
 use chaos::scenario::{self, Scenario};
+use chaos::sim;
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +84,41 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         stats_every: u64,
     },
+    /// Run many seeds of the deterministic simulator; exit 1 on a failing
+    /// seed, printing it and how to replay it.
+    Sim {
+        /// How many consecutive seeds [default: 10000, or 100000 with --nightly].
+        #[arg(long)]
+        seeds: Option<u64>,
+        /// First seed.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Worker threads [default: the number of CPUs].
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Edge nodes per simulated fleet (plus one hub).
+        #[arg(long)]
+        edges: Option<usize>,
+        /// Steps of the safety phase (10 ms of virtual time each).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Virtual time the liveness phase may take to converge, ms.
+        #[arg(long)]
+        liveness_deadline_ms: Option<u64>,
+        /// The larger nightly configuration (4 edges, 400 steps, 100000 seeds).
+        #[arg(long)]
+        nightly: bool,
+        /// Keep running after a failing seed (report all of them).
+        #[arg(long)]
+        keep_going: bool,
+        /// Print progress every N seconds.
+        #[arg(long, default_value_t = 5)]
+        progress_every: u64,
+        /// Also write the failures (and the checker verdict of the first)
+        /// as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Run the checkers over a recorded run and write report.json,
     /// summary.txt and timeline.svg.
     Report {
@@ -107,6 +143,29 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::CheckScenarios { path } => check_scenarios(path),
         Cmd::Report { input, out } => render(input, out),
+        Cmd::Sim {
+            seeds,
+            from,
+            threads,
+            edges,
+            steps,
+            liveness_deadline_ms,
+            nightly,
+            keep_going,
+            progress_every,
+            json,
+        } => run_sim(SimArgs {
+            seeds,
+            from,
+            threads,
+            edges,
+            steps,
+            liveness_deadline_ms,
+            nightly,
+            keep_going,
+            progress_every,
+            json,
+        }),
         relay @ Cmd::Relay { .. } => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(run_relay(relay)),
             Err(e) => Err(anyhow::Error::from(e).context("start the tokio runtime")),
@@ -255,5 +314,143 @@ async fn run_relay(cmd: Cmd) -> anyhow::Result<u8> {
     }
     print();
     relay.shutdown().await.context("stop the relay")?;
+    Ok(0)
+}
+
+struct SimArgs {
+    seeds: Option<u64>,
+    from: u64,
+    threads: Option<usize>,
+    edges: Option<usize>,
+    steps: Option<usize>,
+    liveness_deadline_ms: Option<u64>,
+    nightly: bool,
+    keep_going: bool,
+    progress_every: u64,
+    json: Option<PathBuf>,
+}
+
+fn run_sim(a: SimArgs) -> anyhow::Result<u8> {
+    let mut cfg = if a.nightly {
+        sim::nightly_config()
+    } else {
+        sim::SimConfig::default()
+    };
+    if let Some(e) = a.edges {
+        anyhow::ensure!((1..=64).contains(&e), "--edges {e}: must be 1 to 64");
+        cfg.edges = e;
+    }
+    if let Some(s) = a.steps {
+        anyhow::ensure!(s <= 1_000_000, "--steps {s}: at most 1000000");
+        cfg.steps = s;
+    }
+    if let Some(d) = a.liveness_deadline_ms {
+        anyhow::ensure!(
+            d > 0,
+            "--liveness-deadline-ms 0: the liveness phase needs time"
+        );
+        cfg.liveness_deadline_ms = d;
+    }
+    let seeds = a.seeds.unwrap_or(if a.nightly { 100_000 } else { 10_000 });
+    anyhow::ensure!(seeds > 0, "--seeds 0: nothing to run");
+    anyhow::ensure!(
+        a.from.checked_add(seeds).is_some(),
+        "--from {} --seeds {seeds}: the range overflows u64",
+        a.from
+    );
+    let threads = match a.threads {
+        Some(0) => anyhow::bail!("--threads 0: need at least one thread"),
+        Some(t) => t,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let plan = sim::SimPlan {
+        from: a.from,
+        seeds,
+        threads,
+        stop_on_failure: !a.keep_going,
+        cfg: cfg.clone(),
+    };
+    println!(
+        "sim: seeds {}..{} ({seeds}), {threads} threads, {} edges + 1 hub, {} steps, liveness deadline {} ms",
+        a.from,
+        a.from + seeds,
+        cfg.edges,
+        cfg.steps,
+        cfg.liveness_deadline_ms
+    );
+    // A panicking seed is caught and reported as a failure with its
+    // message; keep the default hook from printing a backtrace per seed.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("chaos sim: panic: {info}");
+    }));
+    let every = Duration::from_secs(a.progress_every.max(1));
+    let summary = sim::run_seeds(&plan, every, &mut |p| {
+        println!(
+            "sim: {}/{} seeds, {} failed, {:.1} s, {:.0} seeds/s",
+            p.done,
+            p.total,
+            p.failed,
+            p.elapsed.as_secs_f64(),
+            p.rate()
+        );
+    });
+    let _ = std::panic::take_hook();
+    println!(
+        "sim: {} seeds in {:.2} s: {:.1} seeds/s ({} edits, {} crashes, {} frames; slowest convergence {} ms virtual)",
+        summary.run,
+        summary.elapsed.as_secs_f64(),
+        summary.seeds_per_sec(),
+        summary.edits,
+        summary.crashes,
+        summary.frames,
+        summary.max_converged_at_ms
+    );
+    let mut verdicts = Vec::new();
+    for f in &summary.failures {
+        let vs = sim::failure_verdicts(f);
+        println!("FAIL seed {}: {}", f.seed, f.violation);
+        for v in vs.iter().filter(|v| v.status != check::Status::Pass) {
+            println!("  {} {}: {}", v.status.as_str(), v.checker, v.summary);
+            for e in &v.evidence {
+                println!("    - {}", e.describe());
+            }
+        }
+        println!("  replay: {}", sim::replay_command(f.seed, &cfg, a.nightly));
+        verdicts.push(serde_json::json!({
+            "seed": f.seed,
+            "violation": f.violation,
+            "panicked": f.panicked,
+            "replay": sim::replay_command(f.seed, &cfg, a.nightly),
+            "verdicts": vs,
+        }));
+    }
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({
+            "from": a.from,
+            "planned": summary.planned,
+            "run": summary.run,
+            "elapsed_s": summary.elapsed.as_secs_f64(),
+            "seeds_per_s": summary.seeds_per_sec(),
+            "failures": verdicts,
+        });
+        let text = serde_json::to_string_pretty(&doc).context("encode the sim summary")?;
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+    }
+    if !summary.failures.is_empty() {
+        println!(
+            "sim: {} of {} seeds failed",
+            summary.failures.len(),
+            summary.run
+        );
+        return Ok(1);
+    }
+    if summary.run < summary.planned {
+        anyhow::bail!(
+            "only {} of {} seeds ran to an outcome",
+            summary.run,
+            summary.planned
+        );
+    }
+    println!("sim: all {} seeds passed", summary.run);
     Ok(0)
 }

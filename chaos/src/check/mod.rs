@@ -11,6 +11,7 @@
 //! | `liveness` | no gap between control-loop ticks beyond `period * tolerance`, except while the node was down |
 //! | `compliance` | no tenant document on a hub outside its region; no raw data off its site; a global hub holds only fleet aggregates; no site data on another site's edge |
 //! | `no-panic` | no panic line in any node's log |
+//! | `isolation` | a partitioned relay direction forwarded zero datagrams (fleet runs) |
 //!
 //! A checker with nothing to look at, or whose input is inconsistent (only
 //! [`Evidence::Malformed`]), says [`Status::Unknown`] rather than passing: a
@@ -20,6 +21,7 @@ pub mod commands;
 pub mod compliance;
 pub mod convergence;
 pub mod history;
+pub mod isolation;
 pub mod liveness;
 pub mod logs;
 pub mod telemetry;
@@ -231,6 +233,33 @@ pub struct RunRecord {
     pub history: History,
     /// End-of-run observations.
     pub observations: Observations,
+    /// Relay counters per fault window (fleet runs): the measured traffic
+    /// of each direction while it had faults.
+    pub relay_windows: Vec<RelayWindow>,
+}
+
+/// What one relay direction carried while a fault was set on it, from
+/// the relay's own counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayWindow {
+    /// The link (`a <-> b`).
+    pub link: String,
+    /// `a-to-b` or `b-to-a`.
+    pub direction: String,
+    /// The faults (`partition`, or their description).
+    pub faults: String,
+    /// Start, ms since the run started.
+    pub from_ms: i64,
+    /// End.
+    pub to_ms: i64,
+    /// Datagrams the sender sent into the relay.
+    pub packets_in: u64,
+    /// Datagrams delivered to the receiver: zero for a partition.
+    pub forwarded: u64,
+    /// Dropped by the partition.
+    pub dropped_partition: u64,
+    /// Dropped otherwise (loss, queue, unknown peer).
+    pub dropped_other: u64,
 }
 
 impl RunRecord {
@@ -248,6 +277,7 @@ impl RunRecord {
             loop_period_tolerance: Some(s.checks.loop_period_tolerance),
             checkers: s.checks.checkers.clone(),
             history: History::default(),
+            relay_windows: Vec::new(),
             observations: Observations {
                 nodes: s
                     .fleet
@@ -320,6 +350,28 @@ pub enum Evidence {
         /// The log line.
         line: LogLine,
     },
+    /// A change a node acknowledged (flushed) is missing at a replica.
+    LostChange {
+        /// The document.
+        doc: String,
+        /// The change hash (hex).
+        change: String,
+        /// The node that acknowledged it.
+        acked_by: String,
+        /// The replica that lacks it.
+        missing_at: String,
+    },
+    /// A violation reported in words only (a simulator message that has no
+    /// structured form).
+    Violation {
+        /// What was reported.
+        detail: String,
+    },
+    /// A partitioned relay direction delivered datagrams.
+    Leak {
+        /// The window.
+        window: RelayWindow,
+    },
     /// The input itself is inconsistent.
     Malformed {
         /// What is wrong.
@@ -377,6 +429,20 @@ impl Evidence {
             Evidence::Panic { line } => {
                 format!("{} log line {}: {}", line.node, line.line_no, line.text)
             }
+            Evidence::LostChange {
+                doc,
+                change,
+                acked_by,
+                missing_at,
+            } => format!(
+                "{doc}: change {} acknowledged by {acked_by} is missing at {missing_at}",
+                change.chars().take(8).collect::<String>()
+            ),
+            Evidence::Violation { detail } => detail.clone(),
+            Evidence::Leak { window: w } => format!(
+                "{} {} partitioned from {}ms to {}ms forwarded {} of {} datagrams",
+                w.link, w.direction, w.from_ms, w.to_ms, w.forwarded, w.packets_in
+            ),
             Evidence::Malformed { detail } => format!("malformed input: {detail}"),
         }
     }
@@ -458,6 +524,11 @@ pub fn run_checks(record: &RunRecord) -> Vec<Verdict> {
     }
     if want("no-panic") {
         out.push(logs::check(o));
+    }
+    // Only fleet runs measure relays; a record without windows has nothing
+    // to say here (not even unknown).
+    if !record.relay_windows.is_empty() {
+        out.push(isolation::check(&record.relay_windows));
     }
     out
 }

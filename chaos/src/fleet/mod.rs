@@ -1,0 +1,72 @@
+//! Running a scenario against a real local fleet: `cloud-hub` and
+//! `edge-node` child processes, simulated devices in process (testbed),
+//! and one fault-injecting relay per node pair between them.
+//!
+//! - [`plan`]: pure. Names, directories, fixed sync ports, device ids, and
+//!   the TOML configs of every node, wired so that every `[hub].addr`,
+//!   `[[peers]].addr` and `upstream.addr` is a relay address
+//!   ([`plan::check_routing`] refuses a plan that leaks a real address).
+//! - [`process`]: child processes, their logs, `ready` lines, kill -9.
+//! - [`http`]: a tiny HTTP/1.1 client for the hub and edge APIs (loopback).
+//! - [`run`]: the runner: start, timeline, quiescence, observations.
+//!
+//! Architecture invariant: a node never learns another node's real sync
+//! address. Sync ports are fixed per node for the whole run (a restarted
+//! node binds the same port), so each relay's targets stay valid, and
+//! iroh's `Minimal` preset (no discovery, no relays) has nothing else to
+//! route through.
+
+pub mod http;
+pub mod plan;
+pub mod process;
+pub mod run;
+
+use std::path::PathBuf;
+
+/// Errors of the fleet runner. Every variant says which node or file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FleetError {
+    /// A scenario name or device path cannot be mapped onto the fleet.
+    #[error("plan: {0}")]
+    Plan(String),
+    /// A file or directory could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A node's config would let it reach a peer without its relay.
+    #[error("routing: {0}")]
+    Routing(String),
+    /// A helper command (`cloud-hub init`, `token create`, ...) failed.
+    #[error("{node}: `{command}` failed: {detail}")]
+    Command {
+        /// The node.
+        node: String,
+        /// The command line.
+        command: String,
+        /// Exit status and stderr.
+        detail: String,
+    },
+    /// A node process could not be started or did not get ready in time.
+    #[error("{node}: {detail}")]
+    Process {
+        /// The node.
+        node: String,
+        /// What happened (with the tail of its log).
+        detail: String,
+    },
+    /// An HTTP call failed.
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    /// The relay mesh failed.
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::MeshError),
+    /// The scenario uses an action the runner cannot carry out yet.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}

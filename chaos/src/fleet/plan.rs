@@ -1,0 +1,522 @@
+//! The plan of a fleet run, without IO: node directories, fixed sync
+//! ports, device ids, and every node's config wired through the relays.
+//!
+//! The real sync addresses are allocated once ([`FleetPlan::new`] takes the
+//! allocator, so tests inject one) and reused on restart: a relay forwards
+//! to a fixed address. The configs only ever name relay addresses for
+//! other nodes; [`check_routing`] proves it for a finished set of configs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use schemas::config::{EdgeConfig, HubConfig, HubLink, PeerConfig, TenantConfig};
+use schemas::identity::EndpointKey;
+use schemas::ids::DeviceId;
+use schemas::policy::HubTier;
+use testbed::physics::DeviceKind;
+
+use super::FleetError;
+use crate::scenario::{Link, NodeRole, Scenario};
+
+/// A simulated device an edge polls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedDevice {
+    /// The scenario's path (`site/edge-n/dev-k`).
+    pub path: String,
+    /// Its device id, unique in the site (`edge-n-dev-k`).
+    pub id: DeviceId,
+    /// What it simulates (cold room, pump, meter in turn).
+    pub kind: DeviceKind,
+}
+
+/// One node of the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodePlan {
+    /// Scenario name (`hub-eu`, `coldstore-1/edge-2`).
+    pub name: String,
+    /// Hub or edge.
+    pub role: NodeRole,
+    /// Its own directory (config, data, log).
+    pub dir: PathBuf,
+    /// Its real QUIC address: fixed for the run, known only to relays.
+    pub sync: SocketAddr,
+    /// Devices (edges only).
+    pub devices: Vec<PlannedDevice>,
+}
+
+impl NodePlan {
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(if self.is_hub() {
+            "hub.toml"
+        } else {
+            "edge.toml"
+        })
+    }
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    /// The process log (stdout and stderr, every incarnation).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("node.log")
+    }
+    /// The identity key file.
+    pub fn key_path(&self) -> PathBuf {
+        self.data_dir()
+            .join(if self.is_hub() { "hub.key" } else { "node.key" })
+    }
+    /// Whether the node is a hub.
+    pub fn is_hub(&self) -> bool {
+        matches!(self.role, NodeRole::Hub { .. })
+    }
+}
+
+/// The whole plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetPlan {
+    /// Root directory of the run.
+    pub root: PathBuf,
+    /// Nodes, hubs first.
+    pub nodes: Vec<NodePlan>,
+    /// The node pairs that talk, one relay each.
+    pub links: Vec<Link>,
+}
+
+/// A directory name for a node name (`coldstore-1/edge-2` ->
+/// `coldstore-1--edge-2`).
+pub fn slug(node: &str) -> String {
+    node.replace('/', "--")
+}
+
+/// The device id of a scenario device path: `site/edge-n/dev-k` ->
+/// `edge-n-dev-k` (unique within the site, since device documents are
+/// per site).
+pub fn device_id(path: &str) -> Result<DeviceId, FleetError> {
+    let parts: Vec<&str> = path.split('/').collect();
+    let [_site, edge, dev] = parts.as_slice() else {
+        return Err(FleetError::Plan(format!(
+            "device {path:?}: expected site/edge-n/dev-k"
+        )));
+    };
+    DeviceId::new(format!("{edge}-{dev}"))
+        .map_err(|e| FleetError::Plan(format!("device {path:?}: {e}")))
+}
+
+impl FleetPlan {
+    /// Plan a scenario's fleet under `root`; `alloc_port` gives a free UDP
+    /// port on 127.0.0.1 for each node's sync address.
+    pub fn new(
+        s: &Scenario,
+        root: &Path,
+        alloc_port: &mut dyn FnMut() -> Result<u16, FleetError>,
+    ) -> Result<FleetPlan, FleetError> {
+        let mut nodes = Vec::new();
+        let devices = s.fleet.devices();
+        for (name, role) in s.fleet.nodes() {
+            let prefix = format!("{name}/");
+            let mine = devices
+                .iter()
+                .filter(|d| d.starts_with(&prefix))
+                .enumerate()
+                .map(|(i, p)| {
+                    Ok(PlannedDevice {
+                        path: p.clone(),
+                        id: device_id(p)?,
+                        kind: DeviceKind::ALL[i % DeviceKind::ALL.len()],
+                    })
+                })
+                .collect::<Result<Vec<_>, FleetError>>()?;
+            let port = alloc_port()?;
+            nodes.push(NodePlan {
+                dir: root.join(slug(&name)),
+                sync: SocketAddr::from(([127, 0, 0, 1], port)),
+                name,
+                role,
+                devices: mine,
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &nodes {
+            if !seen.insert(n.sync) {
+                return Err(FleetError::Plan(format!(
+                    "port allocator gave {} twice",
+                    n.sync
+                )));
+            }
+        }
+        Ok(FleetPlan {
+            root: root.to_path_buf(),
+            nodes,
+            links: s.fleet.links(),
+        })
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<&NodePlan> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Every node's real sync address (the relays' targets).
+    pub fn real_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        self.nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.sync))
+            .collect()
+    }
+
+    /// The node a device path belongs to, and the device.
+    pub fn device(&self, path: &str) -> Option<(&NodePlan, &PlannedDevice)> {
+        self.nodes
+            .iter()
+            .find_map(|n| n.devices.iter().find(|d| d.path == path).map(|d| (n, d)))
+    }
+
+    /// The peers a node dials: every link it is on, the other end.
+    pub fn neighbours(&self, node: &str) -> Vec<&str> {
+        self.links
+            .iter()
+            .filter_map(|l| {
+                if l.a == node {
+                    Some(l.b.as_str())
+                } else if l.b == node {
+                    Some(l.a.as_str())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// The config of a hub. `upstream` is the global hub it forwards to, as
+    /// `(endpoint id, relay address)`.
+    pub fn hub_config(
+        &self,
+        node: &NodePlan,
+        s: &Scenario,
+        upstream: Option<(EndpointKey, SocketAddr)>,
+    ) -> Result<HubConfig, FleetError> {
+        let NodeRole::Hub { tier, regions } = &node.role else {
+            return Err(FleetError::Plan(format!("{} is not a hub", node.name)));
+        };
+        let tenants = s
+            .fleet
+            .tenants
+            .iter()
+            .filter(|t| *tier == HubTier::Global || regions.contains(&t.region))
+            .map(|t| TenantConfig {
+                id: t.id.clone(),
+                region: t.region.clone(),
+            })
+            .collect();
+        Ok(HubConfig {
+            data_dir: node.data_dir(),
+            key_path: Some(node.key_path()),
+            regions: regions.clone(),
+            tier: *tier,
+            tenants,
+            sync_listen: node.sync,
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            upstream: upstream.map(|(endpoint_id, addr)| PeerConfig { endpoint_id, addr }),
+            ..HubConfig::default()
+        })
+    }
+
+    /// The config of an edge: its hub and site peers at their relay
+    /// addresses (`dial(from, to)`), its devices at `device_addrs`, the
+    /// loops and alarms testbed suggests for them.
+    pub fn edge_config(
+        &self,
+        node: &NodePlan,
+        keys: &BTreeMap<String, EndpointKey>,
+        dial: &dyn Fn(&str, &str) -> Option<SocketAddr>,
+        join_token: Option<String>,
+        device_addrs: &BTreeMap<String, SocketAddr>,
+    ) -> Result<EdgeConfig, FleetError> {
+        let NodeRole::Edge { tenant, site } = &node.role else {
+            return Err(FleetError::Plan(format!("{} is not an edge", node.name)));
+        };
+        let key = |n: &str| {
+            keys.get(n)
+                .cloned()
+                .ok_or_else(|| FleetError::Plan(format!("no endpoint id for {n}")))
+        };
+        let via = |to: &str| {
+            dial(&node.name, to).ok_or_else(|| {
+                FleetError::Routing(format!("no relay between {} and {to}", node.name))
+            })
+        };
+        let mut cfg = EdgeConfig::default();
+        cfg.node.tenant = tenant.clone();
+        cfg.node.site = site.clone();
+        cfg.node.name = Some(node.name.clone());
+        cfg.node.data_dir = node.data_dir();
+        cfg.node.key_path = Some(node.key_path());
+        cfg.listen.sync = node.sync;
+        cfg.listen.http = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut hubs = Vec::new();
+        for peer in self.neighbours(&node.name) {
+            let Some(p) = self.node(peer) else {
+                return Err(FleetError::Plan(format!("link to unknown node {peer}")));
+            };
+            if p.is_hub() {
+                hubs.push(peer);
+            } else {
+                cfg.peers.push(PeerConfig {
+                    endpoint_id: key(peer)?,
+                    addr: via(peer)?,
+                });
+            }
+        }
+        match hubs.as_slice() {
+            [] => {}
+            [hub] => {
+                cfg.hub = Some(HubLink {
+                    endpoint_id: key(hub)?,
+                    addr: via(hub)?,
+                    join_token,
+                })
+            }
+            more => {
+                return Err(FleetError::Unsupported(format!(
+                    "{} talks to {} hubs ({}); an edge config has one [hub]",
+                    node.name,
+                    more.len(),
+                    more.join(", ")
+                )));
+            }
+        }
+        for d in &node.devices {
+            let addr = device_addrs
+                .get(&d.path)
+                .copied()
+                .ok_or_else(|| FleetError::Plan(format!("device {} has no address", d.path)))?;
+            cfg.devices
+                .push(testbed::maps::device_config(d.kind, d.id.clone(), addr));
+            cfg.loops
+                .extend(testbed::maps::suggested_loops(d.kind, &d.id));
+            cfg.alarms
+                .extend(testbed::maps::suggested_alarms(d.kind, &d.id));
+        }
+        cfg.validate().map_err(|(field, reason)| {
+            FleetError::Plan(format!(
+                "{}: generated config: {field}: {reason}",
+                node.name
+            ))
+        })?;
+        Ok(cfg)
+    }
+}
+
+/// Every address a node config gives for another node must be a relay
+/// address, never any node's real sync address; and each node must bind
+/// its planned address. Returns the first leak found.
+pub fn check_routing(
+    plan: &FleetPlan,
+    edges: &[(String, EdgeConfig)],
+    hubs: &[(String, HubConfig)],
+) -> Result<(), FleetError> {
+    let real = plan.real_addrs();
+    let leak = |who: &str, what: &str, addr: SocketAddr| -> Result<(), FleetError> {
+        if let Some((owner, _)) = real.iter().find(|(_, a)| **a == addr) {
+            return Err(FleetError::Routing(format!(
+                "{who}: {what} is {addr}, the real sync address of {owner}: it would bypass the relay"
+            )));
+        }
+        if !addr.ip().is_loopback() {
+            return Err(FleetError::Routing(format!(
+                "{who}: {what} is {addr}, not on loopback"
+            )));
+        }
+        Ok(())
+    };
+    for (name, c) in edges {
+        let mine = real.get(name).copied();
+        if mine != Some(c.listen.sync) {
+            return Err(FleetError::Routing(format!(
+                "{name}: binds {} but the relays expect {mine:?}",
+                c.listen.sync
+            )));
+        }
+        if let Some(h) = &c.hub {
+            leak(name, "[hub].addr", h.addr)?;
+        }
+        for (i, p) in c.peers.iter().enumerate() {
+            leak(name, &format!("peers[{i}].addr"), p.addr)?;
+        }
+    }
+    for (name, c) in hubs {
+        let mine = real.get(name).copied();
+        if mine != Some(c.sync_listen) {
+            return Err(FleetError::Routing(format!(
+                "{name}: binds {} but the relays expect {mine:?}",
+                c.sync_listen
+            )));
+        }
+        if let Some(u) = &c.upstream {
+            leak(name, "upstream.addr", u.addr)?;
+        }
+    }
+    Ok(())
+}
+
+/// A free UDP port on 127.0.0.1 (bound, read, released). Another process
+/// could take it before the node binds it; the node then fails to start
+/// with a clear error, and the run says so.
+pub fn free_udp_port() -> Result<u16, FleetError> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|source| FleetError::Io {
+        path: PathBuf::from("udp 127.0.0.1:0"),
+        source,
+    })?;
+    s.local_addr()
+        .map(|a| a.port())
+        .map_err(|source| FleetError::Io {
+            path: PathBuf::from("udp 127.0.0.1:0"),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCENARIO: &str = r#"
+name = "t"
+seed = 1
+duration = "10s"
+[[fleet.hubs]]
+name = "hub-eu"
+regions = ["eu"]
+[[fleet.tenants]]
+id = "acme"
+region = "eu"
+[[fleet.sites]]
+tenant = "acme"
+id = "s1"
+edges = 3
+devices_per_edge = 2
+"#;
+
+    fn scenario() -> Scenario {
+        Scenario::parse(Path::new("t.toml"), SCENARIO).unwrap()
+    }
+
+    fn plan() -> FleetPlan {
+        let mut p = 40000;
+        FleetPlan::new(&scenario(), Path::new("/tmp/run"), &mut || {
+            p += 1;
+            Ok(p)
+        })
+        .unwrap()
+    }
+
+    fn key(i: u8) -> EndpointKey {
+        EndpointKey([i; 32])
+    }
+
+    /// A stand-in relay mesh: the relay of link i has sides 50000+2i and
+    /// 50000+2i+1.
+    fn dial(plan: &FleetPlan) -> impl Fn(&str, &str) -> Option<SocketAddr> + '_ {
+        move |from, to| {
+            plan.links.iter().enumerate().find_map(|(i, l)| {
+                let base = 50000 + 2 * i as u16;
+                if l.a == from && l.b == to {
+                    Some(SocketAddr::from(([127, 0, 0, 1], base)))
+                } else if l.b == from && l.a == to {
+                    Some(SocketAddr::from(([127, 0, 0, 1], base + 1)))
+                } else {
+                    None
+                }
+            })
+        }
+    }
+
+    fn keys(plan: &FleetPlan) -> BTreeMap<String, EndpointKey> {
+        plan.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), key(i as u8 + 1)))
+            .collect()
+    }
+
+    fn device_addrs(plan: &FleetPlan) -> BTreeMap<String, SocketAddr> {
+        let mut port = 6000;
+        let mut m = BTreeMap::new();
+        for n in &plan.nodes {
+            for d in &n.devices {
+                port += 1;
+                m.insert(d.path.clone(), SocketAddr::from(([127, 0, 0, 1], port)));
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn nodes_get_fixed_distinct_ports_and_site_unique_device_ids() {
+        let p = plan();
+        assert_eq!(p.nodes.len(), 4);
+        assert_eq!(p.nodes[0].name, "hub-eu");
+        assert_eq!(p.nodes[0].sync.port(), 40001);
+        let e2 = p.node("s1/edge-2").unwrap();
+        assert_eq!(e2.dir, Path::new("/tmp/run/s1--edge-2"));
+        let ids: Vec<&str> = e2.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["edge-2-dev-1", "edge-2-dev-2"]);
+        assert_eq!(p.device("s1/edge-3/dev-2").unwrap().0.name, "s1/edge-3");
+        assert!(device_id("nope").is_err());
+        // An allocator that repeats itself is caught.
+        let r = FleetPlan::new(&scenario(), Path::new("/x"), &mut || Ok(7));
+        assert!(matches!(r, Err(FleetError::Plan(m)) if m.contains("twice")));
+    }
+
+    #[test]
+    fn edge_configs_name_only_relay_addresses_and_pass_the_routing_check() {
+        let p = plan();
+        let keys = keys(&p);
+        let d = dial(&p);
+        let devs = device_addrs(&p);
+        let mut edges = Vec::new();
+        for n in p.nodes.iter().filter(|n| !n.is_hub()) {
+            let c = p
+                .edge_config(n, &keys, &d, Some("fsj1.tok".into()), &devs)
+                .unwrap();
+            let hub = c.hub.as_ref().unwrap();
+            assert_eq!(hub.endpoint_id, keys["hub-eu"]);
+            assert_eq!(Some(hub.addr), d(&n.name, "hub-eu"));
+            assert_eq!(hub.join_token.as_deref(), Some("fsj1.tok"));
+            assert_eq!(c.peers.len(), 2, "two site peers");
+            assert_eq!(c.listen.sync, n.sync);
+            assert_eq!(c.devices.len(), 2);
+            assert!(!c.loops.is_empty(), "a cold room gets a thermostat");
+            edges.push((n.name.clone(), c));
+        }
+        let hub = &p.nodes[0];
+        let hc = p.hub_config(hub, &scenario(), None).unwrap();
+        assert_eq!(hc.sync_listen, hub.sync);
+        assert_eq!(hc.tenants.len(), 1);
+        check_routing(&p, &edges, &[(hub.name.clone(), hc.clone())]).unwrap();
+
+        // A config that names a peer's real address is refused.
+        let mut bad = edges.clone();
+        bad[0].1.peers[0].addr = p.node("s1/edge-2").unwrap().sync;
+        let e = check_routing(&p, &bad, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("bypass the relay") && e.contains("s1/edge-2"),
+            "{e}"
+        );
+        // So is a node binding somewhere the relays do not expect.
+        let mut moved = edges.clone();
+        moved[1].1.listen.sync = SocketAddr::from(([127, 0, 0, 1], 1));
+        assert!(check_routing(&p, &moved, &[]).is_err());
+    }
+
+    #[test]
+    fn an_edge_without_a_relay_to_its_hub_is_a_routing_error() {
+        let p = plan();
+        let none = |_: &str, _: &str| None;
+        let e = p
+            .edge_config(&p.nodes[1], &keys(&p), &none, None, &device_addrs(&p))
+            .unwrap_err();
+        assert!(matches!(e, FleetError::Routing(_)), "{e}");
+    }
+}

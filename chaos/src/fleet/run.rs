@@ -1,0 +1,934 @@
+//! The fleet runner behind `chaos run SCENARIO`: start a real local fleet
+//! behind a relay mesh, play the scenario's timeline, wait for quiescence,
+//! collect observations into a [`RunRecord`], and stop everything.
+//!
+//! Order of start-up (each step needs the one before):
+//! 1. plan: directories and a fixed sync port per node ([`FleetPlan`]);
+//! 2. identities: `cloud-hub init` per hub (prints its endpoint id), an
+//!    edge key per edge (`NodeKey::load_or_create`, the same file the
+//!    edge opens);
+//! 3. the relay mesh, one relay per linked pair, targets the fixed ports;
+//! 4. simulated devices per edge (testbed, in process);
+//! 5. join tokens (`cloud-hub token create`) and an admin API token
+//!    (`cloud-hub user token create --scope admin`);
+//! 6. configs, checked by [`super::plan::check_routing`], then the hubs
+//!    (`cloud-hub --config hub.toml serve`) and the edges
+//!    (`edge-node run --config edge.toml`), each awaited by its `ready`
+//!    line.
+//!
+//! Relay counters are snapshotted at every link change, so the record
+//! holds, per direction and per fault window, how many datagrams were
+//! forwarded: for a partition window that number must be zero
+//! ([`crate::check::isolation`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use schemas::identity::EndpointKey;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::FleetError;
+use super::http;
+use super::plan::{FleetPlan, NodePlan, check_routing, free_udp_port};
+use super::process::{LogBuffer, NodeProcess, find_binary, run_helper};
+use crate::check::{LogLine, OpType, RelayWindow, ReplicaHeads, RunRecord};
+use crate::link::Direction;
+use crate::mesh::RelayMesh;
+use crate::scenario::{Action, DeviceFault, FloodKind, LinkChange, NodeRole, Scenario};
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The `cloud-hub` binary.
+    pub hub_bin: PathBuf,
+    /// The `edge-node` binary.
+    pub edge_bin: PathBuf,
+    /// Root directory of the run (configs, data, logs).
+    pub root: PathBuf,
+    /// How long a node may take to print `ready`.
+    pub ready_timeout: Duration,
+    /// How long a helper command or an HTTP call may take.
+    pub call_timeout: Duration,
+    /// Simulated device seconds per real second.
+    pub device_time_scale: f64,
+    /// Run even if the scenario has actions the runner cannot carry out
+    /// (they are recorded as failed operations).
+    pub allow_unsupported: bool,
+}
+
+impl RunOptions {
+    /// Defaults: binaries next to `chaos` (else on `PATH`), 30 s to get
+    /// ready, 10 s per call, devices at real time.
+    pub fn new(root: PathBuf) -> RunOptions {
+        RunOptions {
+            hub_bin: find_binary("cloud-hub"),
+            edge_bin: find_binary("edge-node"),
+            root,
+            ready_timeout: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(10),
+            device_time_scale: 1.0,
+            allow_unsupported: false,
+        }
+    }
+}
+
+/// One step of the timeline as the runner carries it out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Set a relay direction's faults.
+    Link(LinkChange),
+    /// Any other action.
+    Act(Action),
+}
+
+/// Why an action cannot be carried out by this runner, if so.
+pub fn unsupported(a: &Action, s: &Scenario) -> Option<String> {
+    let role = |n: &str| s.fleet.role(n);
+    match a {
+        Action::ClockSkew { node, .. } => Some(format!(
+            "clock-skew on {node}: edge-node and cloud-hub have no clock offset setting yet"
+        )),
+        Action::Command { from, .. } if !matches!(role(from), Some(NodeRole::Hub { .. })) => Some(
+            format!("command from {from}: only the hub API can create commands"),
+        ),
+        Action::Flood {
+            kind: FloodKind::Reconnect,
+            node,
+            ..
+        } => Some(format!(
+            "reconnect flood on {node}: needs a sync client in chaos (not built)"
+        )),
+        _ => None,
+    }
+}
+
+/// The timeline as steps, in time order (link changes from
+/// [`Scenario::link_changes`], everything else as written).
+pub fn schedule(s: &Scenario) -> Vec<(Duration, Step)> {
+    let mut out: Vec<(Duration, Step)> = s
+        .link_changes()
+        .into_iter()
+        .map(|c| (c.at, Step::Link(c)))
+        .collect();
+    for ta in &s.timeline {
+        let is_link = matches!(
+            ta.action,
+            Action::Partition { .. }
+                | Action::Heal { .. }
+                | Action::Loss { .. }
+                | Action::Delay { .. }
+                | Action::Duplicate { .. }
+                | Action::Reorder { .. }
+                | Action::Bandwidth { .. }
+                | Action::ClearFaults { .. }
+        );
+        if !is_link {
+            out.push((ta.at, Step::Act(ta.action.clone())));
+        }
+    }
+    out.sort_by_key(|(at, _)| *at);
+    out
+}
+
+/// The testbed fault line of a scenario device fault.
+pub fn device_fault_line(id: &str, f: DeviceFault) -> String {
+    match f {
+        DeviceFault::Timeout => format!("fault {id} slow:5000"),
+        DeviceFault::Exception => format!("fault {id} exception:server-device-failure"),
+        DeviceFault::Disconnect => format!("fault {id} drop"),
+        DeviceFault::Stuck => format!("fault {id} stuck"),
+        DeviceFault::OutOfRange => format!("fault {id} spikes:*:1:1000"),
+        DeviceFault::Clear => format!("clear {id}"),
+    }
+}
+
+/// A running fleet.
+pub struct Fleet {
+    plan: FleetPlan,
+    opts: RunOptions,
+    mesh: RelayMesh,
+    procs: BTreeMap<String, NodeProcess>,
+    logs: BTreeMap<String, LogBuffer>,
+    http: BTreeMap<String, SocketAddr>,
+    devices: BTreeMap<String, testbed::fleet::RunningFleet>,
+    keys: BTreeMap<String, EndpointKey>,
+    admin_token: Option<String>,
+    start: Instant,
+    record: RunRecord,
+    /// Open fault windows per (link, direction): since, counters then.
+    windows: BTreeMap<(String, String), (i64, String, crate::link::DirectionCounters)>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("nodes", &self.procs.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> FleetError + '_ {
+    move |source| FleetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_toml(path: &std::path::Path, v: &impl serde::Serialize) -> Result<(), FleetError> {
+    let text =
+        toml::to_string(v).map_err(|e| FleetError::Plan(format!("{}: {e}", path.display())))?;
+    std::fs::write(path, text).map_err(io(path))
+}
+
+impl Fleet {
+    fn args(&self, n: &NodePlan) -> Vec<String> {
+        let cfg = n.config_path().display().to_string();
+        if n.is_hub() {
+            vec!["--config".into(), cfg, "serve".into()]
+        } else {
+            vec!["run".into(), "--config".into(), cfg]
+        }
+    }
+
+    fn bin(&self, n: &NodePlan) -> PathBuf {
+        if n.is_hub() {
+            self.opts.hub_bin.clone()
+        } else {
+            self.opts.edge_bin.clone()
+        }
+    }
+
+    /// Milliseconds since the timeline started.
+    pub fn now_ms(&self) -> i64 {
+        self.start.elapsed().as_millis() as i64
+    }
+
+    /// Plan, wire and start a fleet for `s`. On error, whatever was
+    /// started is stopped (processes are killed on drop).
+    pub async fn start(s: &Scenario, opts: RunOptions) -> Result<Fleet, FleetError> {
+        for ta in &s.timeline {
+            if let Some(why) = unsupported(&ta.action, s)
+                && !opts.allow_unsupported
+            {
+                return Err(FleetError::Unsupported(format!(
+                    "{} at {} ms: {why} (--allow-unsupported records it as a failed operation)",
+                    ta.action.name(),
+                    ta.at.as_millis()
+                )));
+            }
+        }
+        std::fs::create_dir_all(&opts.root).map_err(io(&opts.root))?;
+        let plan = FleetPlan::new(s, &opts.root, &mut free_udp_port)?;
+        for n in &plan.nodes {
+            std::fs::create_dir_all(n.data_dir()).map_err(io(&n.dir))?;
+        }
+        // Identities.
+        let mut keys = BTreeMap::new();
+        for n in &plan.nodes {
+            let key = if n.is_hub() {
+                let cfg = plan.hub_config(n, s, None)?;
+                write_toml(&n.config_path(), &cfg)?;
+                let out = run_helper(
+                    &n.name,
+                    &opts.hub_bin,
+                    &[
+                        "--config".into(),
+                        n.config_path().display().to_string(),
+                        "init".into(),
+                    ],
+                    opts.call_timeout,
+                )
+                .await?;
+                let line = out.lines().last().unwrap_or("").trim();
+                line.parse::<EndpointKey>()
+                    .map_err(|e| FleetError::Command {
+                        node: n.name.clone(),
+                        command: "cloud-hub init".into(),
+                        detail: format!("printed {line:?}, not an endpoint id: {e}"),
+                    })?
+            } else {
+                sync_core::identity::NodeKey::load_or_create(&n.key_path())
+                    .map_err(|e| FleetError::Plan(format!("{}: key: {e}", n.name)))?
+                    .public()
+            };
+            keys.insert(n.name.clone(), key);
+        }
+        // Relays between the fixed ports.
+        let mesh = RelayMesh::spawn(&plan.links, &plan.real_addrs(), s.seed).await?;
+        let dial = |from: &str, to: &str| mesh.dial_addr(from, to);
+        // Hub configs, with the upstream global hub if any.
+        let mut hub_cfgs = Vec::new();
+        for n in plan.nodes.iter().filter(|n| n.is_hub()) {
+            let up = plan
+                .neighbours(&n.name)
+                .into_iter()
+                .filter(|p| {
+                    matches!(
+                        s.fleet.role(p),
+                        Some(NodeRole::Hub {
+                            tier: schemas::policy::HubTier::Global,
+                            ..
+                        })
+                    )
+                })
+                .find_map(|p| Some((*keys.get(p)?, dial(&n.name, p)?)));
+            let up = if matches!(
+                n.role,
+                NodeRole::Hub {
+                    tier: schemas::policy::HubTier::Global,
+                    ..
+                }
+            ) {
+                None
+            } else {
+                up
+            };
+            let cfg = plan.hub_config(n, s, up)?;
+            write_toml(&n.config_path(), &cfg)?;
+            hub_cfgs.push((n.name.clone(), cfg));
+        }
+        // Devices, tokens, edge configs.
+        let mut devices = BTreeMap::new();
+        let mut edge_cfgs = Vec::new();
+        let dev_opts = testbed::fleet::FleetOptions {
+            seed: s.seed,
+            time_scale: opts.device_time_scale,
+            ..Default::default()
+        };
+        for n in plan.nodes.iter().filter(|n| !n.is_hub()) {
+            let any = SocketAddr::from(([127, 0, 0, 1], 0));
+            let cfgs: Vec<_> = n
+                .devices
+                .iter()
+                .map(|d| testbed::maps::device_config(d.kind, d.id.clone(), any))
+                .collect();
+            let running = testbed::fleet::start_fleet(&cfgs, &dev_opts)
+                .await
+                .map_err(|e| FleetError::Plan(format!("{}: devices: {e}", n.name)))?;
+            let addrs: BTreeMap<String, SocketAddr> = n
+                .devices
+                .iter()
+                .zip(&running.devices)
+                .map(|(d, r)| (d.path.clone(), r.server.addr()))
+                .collect();
+            devices.insert(n.name.clone(), running);
+            let NodeRole::Edge { tenant, site } = &n.role else {
+                continue;
+            };
+            let hub = plan
+                .neighbours(&n.name)
+                .into_iter()
+                .find(|p| plan.node(p).is_some_and(|p| p.is_hub()));
+            let token = match hub.and_then(|h| plan.node(h)) {
+                Some(h) => Some(
+                    run_helper(
+                        &h.name,
+                        &opts.hub_bin,
+                        &[
+                            "--config".into(),
+                            h.config_path().display().to_string(),
+                            "token".into(),
+                            "create".into(),
+                            "--tenant".into(),
+                            tenant.to_string(),
+                            "--site".into(),
+                            site.to_string(),
+                            "--role".into(),
+                            "edge".into(),
+                            "--ttl".into(),
+                            "1h".into(),
+                            "--reason".into(),
+                            format!("chaos run {}", s.name),
+                        ],
+                        opts.call_timeout,
+                    )
+                    .await?,
+                ),
+                None => None,
+            };
+            let cfg = plan.edge_config(n, &keys, &dial, token, &addrs)?;
+            write_toml(&n.config_path(), &cfg)?;
+            edge_cfgs.push((n.name.clone(), cfg));
+        }
+        check_routing(&plan, &edge_cfgs, &hub_cfgs)?;
+        // An admin token for the hub API (first regional hub).
+        let admin_token = match plan.nodes.iter().find(|n| n.is_hub()) {
+            Some(h) => run_helper(
+                &h.name,
+                &opts.hub_bin,
+                &[
+                    "--config".into(),
+                    h.config_path().display().to_string(),
+                    "user".into(),
+                    "token".into(),
+                    "create".into(),
+                    "--scope".into(),
+                    "admin".into(),
+                ],
+                opts.call_timeout,
+            )
+            .await
+            .map(|t| t.lines().last().unwrap_or("").trim().to_string())
+            .map_err(|e| tracing::warn!(error = %e, "no admin token: hub API steps will fail"))
+            .ok(),
+            None => None,
+        };
+        let mut record = RunRecord::from_scenario(s);
+        record.observations.downtime.clear();
+        let mut fleet = Fleet {
+            plan,
+            opts,
+            mesh,
+            procs: BTreeMap::new(),
+            logs: BTreeMap::new(),
+            http: BTreeMap::new(),
+            devices,
+            keys,
+            admin_token,
+            start: Instant::now(),
+            record,
+            windows: BTreeMap::new(),
+        };
+        let names: Vec<String> = fleet.plan.nodes.iter().map(|n| n.name.clone()).collect();
+        for name in names {
+            fleet.start_node(&name).await?;
+        }
+        fleet.start = Instant::now();
+        Ok(fleet)
+    }
+
+    async fn start_node(&mut self, name: &str) -> Result<(), FleetError> {
+        let n = self
+            .plan
+            .node(name)
+            .cloned()
+            .ok_or_else(|| FleetError::Plan(format!("no node {name}")))?;
+        let log = self.logs.entry(n.name.clone()).or_default().clone();
+        let p = NodeProcess::start(
+            &n.name,
+            &self.bin(&n),
+            &self.args(&n),
+            &n.log_path(),
+            log,
+            self.opts.ready_timeout,
+        )
+        .await?;
+        if let Some(sync) = p.ready().sync
+            && sync != n.sync
+        {
+            return Err(FleetError::Routing(format!(
+                "{}: bound {sync}, the relays expect {}",
+                n.name, n.sync
+            )));
+        }
+        if let Some(h) = p.ready().http {
+            self.http.insert(n.name.clone(), h);
+        }
+        self.procs.insert(n.name.clone(), p);
+        Ok(())
+    }
+
+    fn history(&mut self, process: &str, kind: OpType, f: &str, value: serde_json::Value) {
+        let t = self.now_ms();
+        self.record.history.push(process, kind, f, value, t);
+    }
+
+    fn window_key(c: &LinkChange) -> (String, String) {
+        (
+            c.link.to_string(),
+            match c.direction {
+                Direction::AToB => "a-to-b".into(),
+                Direction::BToA => "b-to-a".into(),
+            },
+        )
+    }
+
+    fn counters(&self, c: &LinkChange) -> Option<crate::link::DirectionCounters> {
+        let (from, to) = match c.direction {
+            Direction::AToB => (&c.link.a, &c.link.b),
+            Direction::BToA => (&c.link.b, &c.link.a),
+        };
+        self.mesh.counters(from, to)
+    }
+
+    fn close_window(&mut self, key: &(String, String), now: crate::link::DirectionCounters) {
+        if let Some((from_ms, label, before)) = self.windows.remove(key) {
+            let to_ms = self.now_ms();
+            self.record.relay_windows.push(RelayWindow {
+                link: key.0.clone(),
+                direction: key.1.clone(),
+                faults: label,
+                from_ms,
+                to_ms,
+                packets_in: now.packets_in - before.packets_in,
+                forwarded: now.forwarded - before.forwarded,
+                dropped_partition: now.dropped_partition - before.dropped_partition,
+                dropped_other: now.dropped()
+                    - before.dropped()
+                    - (now.dropped_partition - before.dropped_partition),
+            });
+        }
+    }
+
+    fn apply_link(&mut self, c: &LinkChange) -> Result<(), FleetError> {
+        let key = Self::window_key(c);
+        let now = self.counters(c).unwrap_or_default();
+        self.close_window(&key, now);
+        self.mesh.apply(c)?;
+        if c.faults != crate::link::LinkFaults::clean() {
+            let label = if c.faults.partitioned {
+                "partition".to_string()
+            } else {
+                format!("{:?}", c.faults)
+            };
+            self.windows.insert(key, (self.now_ms(), label, now));
+        }
+        Ok(())
+    }
+
+    async fn hub_api(
+        &self,
+        hub: &str,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<http::Response, String> {
+        let addr = self
+            .http
+            .get(hub)
+            .ok_or_else(|| format!("{hub} has no HTTP address (down?)"))?;
+        http::request(
+            method,
+            *addr,
+            path,
+            self.admin_token.as_deref(),
+            Some(&body),
+            self.opts.call_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    async fn act(&mut self, a: &Action, s: &Scenario) -> Result<(), FleetError> {
+        if let Some(why) = unsupported(a, s) {
+            self.history("chaos/runner", OpType::Invoke, a.name(), json!({}));
+            self.history(
+                "chaos/runner",
+                OpType::Fail,
+                a.name(),
+                json!({"error": why}),
+            );
+            return Ok(());
+        }
+        match a {
+            Action::Kill { node } => {
+                if let Some(p) = self.procs.remove(node) {
+                    p.kill9().await?;
+                    self.http.remove(node);
+                    let t = self.now_ms();
+                    self.record
+                        .observations
+                        .downtime
+                        .push(crate::scenario::NodeSpan {
+                            node: node.clone(),
+                            from_ms: t,
+                            to_ms: i64::MAX,
+                        });
+                }
+            }
+            Action::Restart { node } => {
+                self.start_node(node).await?;
+                let t = self.now_ms();
+                if let Some(span) = self
+                    .record
+                    .observations
+                    .downtime
+                    .iter_mut()
+                    .rev()
+                    .find(|d| &d.node == node && d.to_ms == i64::MAX)
+                {
+                    span.to_ms = t;
+                }
+            }
+            Action::EditConfig {
+                node,
+                device,
+                field,
+                value,
+            } => {
+                let process = format!("{node}/operator");
+                let id = super::plan::device_id(device)?;
+                let v = json!({"device": device, "field": field, "value": value});
+                self.history(&process, OpType::Invoke, "edit-config", v.clone());
+                let is_hub = self.plan.node(node).is_some_and(|n| n.is_hub());
+                let r = if is_hub {
+                    // No hub endpoint edits desired config directly yet: send
+                    // it as a set_desired command (executed by the edge).
+                    let (tenant, site) = self.site_of(device)?;
+                    self.hub_api(
+                        node,
+                        "POST",
+                        "/api/v1/commands",
+                        json!({"tenant": tenant, "site": site, "target": id, "action": "set_desired",
+                               "field": field, "value": value, "reason": "chaos edit-config"}),
+                    )
+                    .await
+                } else {
+                    match self.http.get(node) {
+                        Some(addr) => http::request(
+                            "PUT",
+                            *addr,
+                            &format!("/api/devices/{id}/desired/{field}"),
+                            None,
+                            Some(&json!({"value": value, "by": "chaos"})),
+                            self.opts.call_timeout,
+                        )
+                        .await
+                        .map_err(|e| e.to_string()),
+                        None => Err(format!("{node} is down")),
+                    }
+                };
+                self.complete(&process, "edit-config", r);
+            }
+            Action::Command {
+                from,
+                device,
+                id,
+                register,
+                value,
+                deliveries,
+            } => {
+                let target = super::plan::device_id(device)?;
+                let (tenant, site) = self.site_of(device)?;
+                for _ in 0..*deliveries {
+                    let process = format!("{from}/api");
+                    self.history(
+                        &process,
+                        OpType::Invoke,
+                        "command",
+                        json!({"id": id, "device": device}),
+                    );
+                    let r = self
+                        .hub_api(
+                            from,
+                            "POST",
+                            "/api/v1/commands",
+                            json!({"tenant": tenant, "site": site, "target": target, "action": "write_register",
+                                   "register": register, "value": value, "idempotency_key": id,
+                                   "reason": "chaos command"}),
+                        )
+                        .await;
+                    self.complete(&process, "command", r);
+                }
+            }
+            Action::DeviceFault { device, fault, .. } => {
+                let (edge, d) = self
+                    .plan
+                    .device(device)
+                    .map(|(n, d)| (n.name.clone(), d.id.to_string()))
+                    .ok_or_else(|| FleetError::Plan(format!("no device {device}")))?;
+                let line = device_fault_line(&d, *fault);
+                let r = self
+                    .devices
+                    .get(&edge)
+                    .ok_or_else(|| format!("no devices on {edge}"))
+                    .and_then(|f| f.control(&line).map_err(|e| e.to_string()));
+                self.history(
+                    "chaos/devices",
+                    OpType::Invoke,
+                    "device-fault",
+                    json!({"line": line}),
+                );
+                self.complete(
+                    "chaos/devices",
+                    "device-fault",
+                    r.map(|m| http::Response {
+                        status: 200,
+                        body: m,
+                    }),
+                );
+            }
+            Action::Flood {
+                node,
+                rate_per_sec,
+                duration,
+                kind,
+            } => {
+                let Some(addr) = self.http.get(node).copied() else {
+                    return Ok(());
+                };
+                let path = if self.plan.node(node).is_some_and(|n| n.is_hub()) {
+                    "/api/v1/devices"
+                } else {
+                    "/api/devices"
+                };
+                let token = self.admin_token.clone();
+                let (rate, dur, kind) = (*rate_per_sec, *duration, *kind);
+                // Bounded by `duration`; runs beside the timeline.
+                tokio::spawn(async move {
+                    let end = Instant::now() + dur;
+                    let gap = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+                    let mut tick = tokio::time::interval(gap);
+                    while Instant::now() < end {
+                        tick.tick().await;
+                        let _ = http::request(
+                            "GET",
+                            addr,
+                            path,
+                            token.as_deref(),
+                            None,
+                            Duration::from_secs(2),
+                        )
+                        .await;
+                    }
+                    let _ = kind;
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, process: &str, f: &str, r: Result<http::Response, String>) {
+        match r {
+            Ok(resp) if resp.ok() => {
+                self.history(process, OpType::Ok, f, json!({"status": resp.status}))
+            }
+            Ok(resp) if resp.status >= 500 => self.history(
+                process,
+                OpType::Info,
+                f,
+                json!({"status": resp.status, "body": resp.body}),
+            ),
+            Ok(resp) => self.history(
+                process,
+                OpType::Fail,
+                f,
+                json!({"status": resp.status, "body": resp.body}),
+            ),
+            // A transport error after sending may or may not have taken effect.
+            Err(e) => self.history(process, OpType::Info, f, json!({"error": e})),
+        }
+    }
+
+    fn site_of(&self, device: &str) -> Result<(String, String), FleetError> {
+        match self.plan.device(device).map(|(n, _)| &n.role) {
+            Some(NodeRole::Edge { tenant, site }) => Ok((tenant.to_string(), site.to_string())),
+            _ => Err(FleetError::Plan(format!("no device {device}"))),
+        }
+    }
+
+    /// Play the timeline to its end (`s.duration`), then heal and clear
+    /// every link and restart every node still down.
+    pub async fn play(&mut self, s: &Scenario) -> Result<(), FleetError> {
+        for (at, step) in schedule(s) {
+            tokio::time::sleep_until(self.start + at).await;
+            match step {
+                Step::Link(c) => self.apply_link(&c)?,
+                Step::Act(a) => self.act(&a, s).await?,
+            }
+        }
+        tokio::time::sleep_until(self.start + s.duration).await;
+        let links: Vec<_> = self.mesh.links().cloned().collect();
+        for l in links {
+            for d in Direction::BOTH {
+                let c = LinkChange {
+                    at: s.duration,
+                    link: l.clone(),
+                    direction: d,
+                    faults: crate::link::LinkFaults::clean(),
+                };
+                self.apply_link(&c)?;
+            }
+        }
+        let down: Vec<String> = self
+            .plan
+            .nodes
+            .iter()
+            .filter(|n| !self.procs.contains_key(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        for n in down {
+            self.act(&Action::Restart { node: n }, s).await?;
+        }
+        Ok(())
+    }
+
+    /// Wait for quiescence (no node process exited, `settle` elapsed), then
+    /// stop every node (SIGTERM, so stores flush), read every replica's
+    /// heads from its store, and return the record.
+    pub async fn finish(mut self, settle: Duration) -> Result<RunRecord, FleetError> {
+        tokio::time::sleep(settle).await;
+        let end_ms = self.now_ms();
+        self.record.observations.end_ms = end_ms;
+        for span in &mut self.record.observations.downtime {
+            span.to_ms = span.to_ms.min(end_ms);
+        }
+        let procs = std::mem::take(&mut self.procs);
+        for (name, p) in procs {
+            if let Err(e) = p.stop(Duration::from_secs(10)).await {
+                tracing::warn!(node = %name, error = %e, "stop");
+            }
+        }
+        for (name, log) in &self.logs {
+            for (i, text) in log.lines().into_iter().enumerate() {
+                self.record.observations.logs.push(LogLine {
+                    node: name.clone(),
+                    line_no: i + 1,
+                    text,
+                });
+            }
+        }
+        for n in &self.plan.nodes {
+            match read_heads(n) {
+                Ok(reps) => self.record.observations.replicas.extend(reps),
+                Err(e) => tracing::warn!(node = %n.name, error = %e, "no replica heads"),
+            }
+        }
+        for (_, d) in std::mem::take(&mut self.devices) {
+            let _ = d.stop().await;
+        }
+        self.mesh.shutdown().await?;
+        let _ = &self.keys;
+        Ok(self.record)
+    }
+}
+
+/// Read every document's heads from a stopped node's store
+/// (`{data_dir}/docs`, sled).
+pub fn read_heads(n: &NodePlan) -> Result<Vec<ReplicaHeads>, FleetError> {
+    let dir = n.data_dir().join("docs");
+    if !dir.exists() {
+        return Err(FleetError::Plan(format!(
+            "{}: no document store at {}",
+            n.name,
+            dir.display()
+        )));
+    }
+    let key = sync_core::identity::NodeKey::load_or_create(&n.key_path())
+        .map_err(|e| FleetError::Plan(format!("{}: key: {e}", n.name)))?;
+    let storage = sync_core::storage::SledStorage::open(&dir)
+        .map_err(|e| FleetError::Plan(format!("{}: open {}: {e}", n.name, dir.display())))?;
+    let store = sync_core::store::DocStore::open(
+        Arc::new(storage),
+        key.clone(),
+        key.new_actor(),
+        sync_core::store::StoreConfig::default(),
+    )
+    .map_err(|e| FleetError::Plan(format!("{}: open store: {e}", n.name)))?;
+    Ok(store
+        .list()
+        .into_iter()
+        .map(|id| ReplicaHeads {
+            node: n.name.clone(),
+            heads: store
+                .heads(&id)
+                .unwrap_or_default()
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
+            doc: id.to_string(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const S: &str = r#"
+name = "t"
+seed = 3
+duration = "20s"
+[[fleet.hubs]]
+name = "hub-eu"
+regions = ["eu"]
+[[fleet.tenants]]
+id = "acme"
+region = "eu"
+[[fleet.sites]]
+tenant = "acme"
+id = "s1"
+edges = 2
+devices_per_edge = 1
+[[timeline]]
+at = "2s"
+action = "partition"
+a = "s1/edge-1"
+b = "hub-eu"
+[[timeline]]
+at = "5s"
+action = "kill"
+node = "s1/edge-1"
+[[timeline]]
+at = "8s"
+action = "restart"
+node = "s1/edge-1"
+[[timeline]]
+at = "9s"
+action = "heal"
+"#;
+
+    #[test]
+    fn the_schedule_interleaves_link_changes_and_actions_in_time_order() {
+        let s = Scenario::parse(Path::new("t.toml"), S).unwrap();
+        let steps = schedule(&s);
+        let times: Vec<u64> = steps.iter().map(|(t, _)| t.as_secs()).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+        // Partition both directions at 2 s, kill, restart, heal both at 9 s.
+        let kinds: Vec<String> = steps
+            .iter()
+            .map(|(t, st)| match st {
+                Step::Link(c) => format!(
+                    "{}:{}",
+                    t.as_secs(),
+                    if c.faults.partitioned { "cut" } else { "heal" }
+                ),
+                Step::Act(a) => format!("{}:{}", t.as_secs(), a.name()),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["2:cut", "2:cut", "5:kill", "8:restart", "9:heal", "9:heal"]
+        );
+        assert!(steps.iter().all(|(_, st)| {
+            unsupported(
+                match st {
+                    Step::Act(a) => a,
+                    Step::Link(_) => return true,
+                },
+                &s,
+            )
+            .is_none()
+        }));
+    }
+
+    #[test]
+    fn unsupported_actions_say_why() {
+        let s = Scenario::parse(Path::new("t.toml"), S).unwrap();
+        let skew = Action::ClockSkew {
+            node: "s1/edge-1".into(),
+            change: crate::scenario::ClockChange::OffsetMs(60_000),
+        };
+        assert!(unsupported(&skew, &s).unwrap().contains("clock"));
+        let cmd = Action::Command {
+            from: "s1/edge-2".into(),
+            device: "s1/edge-1/dev-1".into(),
+            id: "c1".into(),
+            register: "setpoint".into(),
+            value: 1.0,
+            deliveries: 1,
+        };
+        assert!(unsupported(&cmd, &s).unwrap().contains("hub API"));
+        assert_eq!(device_fault_line("d", DeviceFault::Clear), "clear d");
+        assert_eq!(
+            device_fault_line("d", DeviceFault::Disconnect),
+            "fault d drop"
+        );
+    }
+}
