@@ -84,11 +84,10 @@ impl From<JsonRejection> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The router over a running node's state.
-pub fn router(state: Arc<NodeState>) -> Router {
-    // TODO(issue 9): merge `edge_node::ingest::router(..)` here once the
-    // ingest module lands.
-    Router::new()
+/// The router over a running node's state, with `extra` routes (the
+/// ingest endpoints) merged in before the JSON fallbacks.
+pub fn router(state: Arc<NodeState>, extra: Option<Router>) -> Router {
+    let api = Router::new()
         .route("/", get(|| async { Html(UI) }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -101,7 +100,12 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/api/commands", get(commands))
         .route("/api/sync", get(sync))
         .route("/api/rollups/local", get(local_rollups))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(state);
+    let app = match extra {
+        Some(e) => api.merge(e),
+        None => api,
+    };
+    app.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -109,7 +113,6 @@ pub fn router(state: Arc<NodeState>) -> Router {
                 "method not allowed on this route",
             )
         })
-        .with_state(state)
 }
 
 async fn healthz(State(s): State<Arc<NodeState>>) -> Json<Value> {

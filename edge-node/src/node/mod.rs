@@ -174,8 +174,6 @@ pub struct NodeState {
     pub(crate) alarms: Mutex<AlarmEngine>,
     pub(crate) sync: Mutex<Option<SyncNode>>,
     pub(crate) raw: RawZone,
-    /// Samples from push ingest (issue 9) enter here like polled ones.
-    pub(crate) events: mpsc::Sender<DeviceEvent>,
 }
 
 impl std::fmt::Debug for NodeState {
@@ -231,26 +229,6 @@ impl NodeState {
         let mut v: Vec<Alarm> = g.active().into_iter().cloned().collect();
         v.reverse();
         v
-    }
-
-    /// Accept a sample pushed by a device (ingest, issue 9): it goes the
-    /// same way as a polled one (raw zone, alarms, summariser) and into the
-    /// latest-values cell read by the loops.
-    pub fn accept_sample(&self, s: Sample) -> Result<(), String> {
-        self.values.set(
-            &s.device,
-            &s.metric,
-            crate::modbus::Latest {
-                reading: Reading {
-                    value: s.value,
-                    ts: s.ts,
-                },
-                received: self.clock.monotonic(),
-            },
-        );
-        self.events
-            .try_send(DeviceEvent::Sample(s))
-            .map_err(|e| format!("node is busy or stopping: {e}"))
     }
 
     /// Acknowledge an alarm in its day document (and in the engine if it
@@ -312,6 +290,7 @@ pub struct EdgeNode {
     device_runners: Vec<DeviceRunner>,
     tasks: Vec<JoinHandle<()>>,
     pump: Option<JoinHandle<()>>,
+    ingest: Option<crate::ingest::IngestHandle>,
     acker: Option<JoinHandle<()>>,
     pipeline: Option<JoinHandle<Result<(), String>>>,
     http: Option<(SocketAddr, JoinHandle<()>)>,
@@ -517,9 +496,8 @@ impl EdgeNode {
             alarms: Mutex::new(engine),
             sync: Mutex::new(None),
             raw: raw.clone(),
-            events: ev_tx.clone(),
         });
-        // The devices hold the other senders; the state's one is for ingest.
+        // The devices hold the other senders: the pump ends when they stop.
         drop(ev_tx);
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -558,6 +536,17 @@ impl EdgeNode {
             opts.pipeline_every,
             shutdown_rx.clone(),
         ));
+
+        // Push ingest (MQTT, HTTP): samples enter like polled ones.
+        let ingest = crate::ingest::start(
+            &cfg,
+            Arc::new(NodeSink {
+                state: state.clone(),
+            }),
+            clock.clone(),
+        )
+        .await
+        .map_err(|e| NodeError::Config(e.to_string()))?;
 
         // Sync.
         let mut sync_addr = None;
@@ -624,7 +613,7 @@ impl EdgeNode {
                 addr: cfg.listen.http,
                 reason: e.to_string(),
             })?;
-            let app = crate::http::router(state.clone());
+            let app = crate::http::router(state.clone(), Some(crate::ingest::router(&ingest)));
             let mut rx = shutdown_rx.clone();
             let task = tokio::spawn(async move {
                 let r = axum::serve(listener, app)
@@ -645,6 +634,7 @@ impl EdgeNode {
             device_runners,
             tasks,
             pump: Some(pump),
+            ingest: Some(ingest),
             acker: Some(acker),
             pipeline: Some(pipeline),
             http,
@@ -685,6 +675,9 @@ impl EdgeNode {
 
     /// Stop loops, devices, sync; summarise and flush everything.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        if let Some(i) = self.ingest.take() {
+            i.stop().await;
+        }
         let loops = std::mem::take(&mut *lock(&self.state.loops));
         for l in loops {
             l.stop().await;
@@ -692,11 +685,10 @@ impl EdgeNode {
         for d in self.device_runners.drain(..) {
             d.stop().await;
         }
-        // The state keeps a sender for ingest, so the pump never sees its
-        // channel close: stop it. Samples still queued in it were never
-        // acknowledged. Then wait for the acknowledgements in flight.
+        // The pump ends once the device tasks (its only senders) are gone,
+        // after appending what they queued; then wait for the
+        // acknowledgements in flight.
         if let Some(p) = self.pump.take() {
-            p.abort();
             let _ = p.await;
         }
         if let Some(a) = self.acker.take() {
@@ -728,6 +720,66 @@ impl EdgeNode {
             result = Err(NodeError::Store(e.to_string()));
         }
         result
+    }
+}
+
+/// The ingest sink: pushed samples go where polled ones go (latest
+/// values for the loops, alarm engine, raw zone, hence the summariser), and
+/// are accepted only once the raw zone says they are durable.
+struct NodeSink {
+    state: Arc<NodeState>,
+}
+
+impl crate::ingest::SampleSink for NodeSink {
+    fn accept(
+        &self,
+        samples: Vec<Sample>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let st = &self.state;
+            let mut acks = Vec::with_capacity(samples.len());
+            let mut durable = 0u64;
+            for s in samples {
+                let now = st.clock.now();
+                st.values.set(
+                    &s.device,
+                    &s.metric,
+                    crate::modbus::Latest {
+                        reading: Reading {
+                            value: s.value,
+                            ts: s.ts,
+                        },
+                        received: st.clock.monotonic(),
+                    },
+                );
+                let t = lock(&st.alarms).observe(&s.device, &s.metric, s.value, now);
+                write_alarms(st, &t);
+                Counters::add(&st.counters.samples_polled, 1);
+                match st.raw.try_append(s) {
+                    Ok(ack) => acks.push(ack),
+                    Err(RawZoneError::QueueFull { sample, .. }) => {
+                        st.raw.append(*sample).await.map_err(|e| {
+                            Counters::add(&st.counters.samples_refused, 1);
+                            format!("raw zone: {e}")
+                        })?;
+                        durable += 1;
+                    }
+                    Err(e) => {
+                        Counters::add(&st.counters.samples_refused, 1);
+                        return Err(format!("raw zone: {e}"));
+                    }
+                }
+            }
+            for a in acks {
+                a.await.map_err(|e| {
+                    Counters::add(&st.counters.samples_refused, 1);
+                    format!("raw zone: {e}")
+                })?;
+                durable += 1;
+            }
+            Counters::add(&st.counters.samples_acknowledged, durable);
+            Ok(())
+        })
     }
 }
 
