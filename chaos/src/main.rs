@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 pass, 1 fail (a checker failed, a scenario file is
 //! invalid), 2 error (bad input, IO, or a run that could not be judged).
-//! `chaos run` against a real fleet is not implemented yet.
+//! `chaos run` starts a real fleet (see `chaos::fleet`); `chaos sim` runs
+//! the deterministic simulator over many seeds.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -119,6 +120,32 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Run a scenario against a real local fleet (cloud-hub and edge-node
+    /// child processes behind one relay per node pair), then check it and
+    /// write run.json and the report into --out.
+    Run {
+        /// The scenario file.
+        scenario: PathBuf,
+        /// Output directory (node directories, logs, run.json, report).
+        #[arg(long)]
+        out: PathBuf,
+        /// The cloud-hub binary [default: next to chaos, else on PATH].
+        #[arg(long)]
+        hub_bin: Option<PathBuf>,
+        /// The edge-node binary [default: next to chaos, else on PATH].
+        #[arg(long)]
+        edge_bin: Option<PathBuf>,
+        /// Seconds a node may take to print its ready line.
+        #[arg(long, default_value_t = 30)]
+        ready_timeout: u64,
+        /// Simulated device seconds per real second.
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// Run even if some actions cannot be carried out (recorded as
+        /// failed operations).
+        #[arg(long)]
+        allow_unsupported: bool,
+    },
     /// Run the checkers over a recorded run and write report.json,
     /// summary.txt and timeline.svg.
     Report {
@@ -143,6 +170,30 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::CheckScenarios { path } => check_scenarios(path),
         Cmd::Report { input, out } => render(input, out),
+        Cmd::Run {
+            scenario,
+            out,
+            hub_bin,
+            edge_bin,
+            ready_timeout,
+            time_scale,
+            allow_unsupported,
+        } => {
+            let mut opts = chaos::fleet::run::RunOptions::new(out.join("fleet"));
+            if let Some(b) = hub_bin {
+                opts.hub_bin = b;
+            }
+            if let Some(b) = edge_bin {
+                opts.edge_bin = b;
+            }
+            opts.ready_timeout = Duration::from_secs(ready_timeout.max(1));
+            opts.device_time_scale = time_scale;
+            opts.allow_unsupported = allow_unsupported;
+            match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(run_fleet(scenario, out, opts)),
+                Err(e) => Err(anyhow::Error::from(e).context("start the tokio runtime")),
+            }
+        }
         Cmd::Sim {
             seeds,
             from,
@@ -453,4 +504,55 @@ fn run_sim(a: SimArgs) -> anyhow::Result<u8> {
     }
     println!("sim: all {} seeds passed", summary.run);
     Ok(0)
+}
+
+async fn run_fleet(
+    scenario: PathBuf,
+    out: PathBuf,
+    opts: chaos::fleet::run::RunOptions,
+) -> anyhow::Result<u8> {
+    let s = Scenario::load(&scenario).with_context(|| format!("load {}", scenario.display()))?;
+    if out.join("fleet").exists() {
+        anyhow::bail!(
+            "{} already holds a run; choose a new --out",
+            out.join("fleet").display()
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    println!(
+        "run {}: {} nodes, {} links, {} s; files in {}",
+        s.name,
+        s.fleet.nodes().len(),
+        s.fleet.links().len(),
+        s.duration.as_secs_f64(),
+        out.display()
+    );
+    let record = chaos::fleet::run::run_scenario(&s, opts)
+        .await
+        .with_context(|| format!("run scenario {}", s.name))?;
+    let json = serde_json::to_string_pretty(&record).context("encode the run record")?;
+    let path = out.join("run.json");
+    std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
+    for w in &record.relay_windows {
+        println!(
+            "relay {} {} {} {}..{} ms: in {} forwarded {} dropped (partition {} other {})",
+            w.link,
+            w.direction,
+            w.faults,
+            w.from_ms,
+            w.to_ms,
+            w.packets_in,
+            w.forwarded,
+            w.dropped_partition,
+            w.dropped_other
+        );
+    }
+    let rep = report::build(&record);
+    let files = report::write_all(&rep, &out.join("report")).context("write the report")?;
+    print!("{}", report::render_text(&rep));
+    println!("wrote {}", path.display());
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(check::exit_code(rep.overall) as u8)
 }

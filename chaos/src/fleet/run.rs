@@ -758,11 +758,56 @@ impl Fleet {
         Ok(())
     }
 
-    /// Wait for quiescence (no node process exited, `settle` elapsed), then
-    /// stop every node (SIGTERM, so stores flush), read every replica's
+    /// Poll every edge's `/api/sync` until all of them report every peer
+    /// connected with nothing behind or queued, three polls in a row, or
+    /// until `timeout`. Returns when it first became quiet (ms since the
+    /// start), `None` on timeout.
+    pub async fn wait_quiescent(&mut self, timeout: Duration) -> Option<i64> {
+        let deadline = Instant::now() + timeout;
+        let mut quiet_since = None;
+        let mut streak = 0;
+        while Instant::now() < deadline {
+            let mut all = true;
+            for n in self.plan.nodes.iter().filter(|n| !n.is_hub()) {
+                let quiet = match self.http.get(&n.name) {
+                    Some(addr) => match http::request(
+                        "GET",
+                        *addr,
+                        "/api/sync",
+                        None,
+                        None,
+                        self.opts.call_timeout,
+                    )
+                    .await
+                    {
+                        Ok(r) if r.ok() => {
+                            serde_json::from_str(&r.body).is_ok_and(|v| sync_quiet(&v))
+                        }
+                        _ => false,
+                    },
+                    None => false,
+                };
+                all &= quiet;
+            }
+            if all {
+                streak += 1;
+                quiet_since.get_or_insert(self.now_ms());
+                if streak >= 3 {
+                    return quiet_since;
+                }
+            } else {
+                streak = 0;
+                quiet_since = None;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        None
+    }
+
+    /// Stop every node (SIGTERM, so stores flush), read every replica's
     /// heads from its store, and return the record.
-    pub async fn finish(mut self, settle: Duration) -> Result<RunRecord, FleetError> {
-        tokio::time::sleep(settle).await;
+    pub async fn finish(mut self, converged_at_ms: Option<i64>) -> Result<RunRecord, FleetError> {
+        self.record.observations.converged_at_ms = converged_at_ms;
         let end_ms = self.now_ms();
         self.record.observations.end_ms = end_ms;
         for span in &mut self.record.observations.downtime {
@@ -796,6 +841,32 @@ impl Fleet {
         let _ = &self.keys;
         Ok(self.record)
     }
+}
+
+/// Whether an edge's `/api/sync` answer shows it caught up: at least one
+/// peer, every peer connected, no document behind, no byte queued.
+pub fn sync_quiet(v: &serde_json::Value) -> bool {
+    let Some(peers) = v.get("peers").and_then(|p| p.as_array()) else {
+        return false;
+    };
+    !peers.is_empty()
+        && peers.iter().all(|p| {
+            p.get("connected").and_then(|c| c.as_bool()) == Some(true)
+                && p.get("docs_behind").and_then(|c| c.as_u64()) == Some(0)
+                && p.get("bytes_queued").and_then(|c| c.as_u64()) == Some(0)
+        })
+}
+
+/// Load a scenario's fleet, play it, wait for quiescence and collect the
+/// record. Everything started is stopped, on success and on error.
+pub async fn run_scenario(s: &Scenario, opts: RunOptions) -> Result<RunRecord, FleetError> {
+    let mut fleet = Fleet::start(s, opts).await?;
+    if let Err(e) = fleet.play(s).await {
+        let _ = fleet.finish(None).await;
+        return Err(e);
+    }
+    let converged = fleet.wait_quiescent(s.checks.quiescence_timeout).await;
+    fleet.finish(converged).await
 }
 
 /// Read every document's heads from a stopped node's store
@@ -906,6 +977,24 @@ action = "heal"
             )
             .is_none()
         }));
+    }
+
+    #[test]
+    fn quiet_means_every_peer_connected_and_caught_up() {
+        let p = |c: bool, behind: u64, queued: u64| json!({"peer": "x", "connected": c, "docs_behind": behind, "bytes_queued": queued});
+        assert!(sync_quiet(
+            &json!({"peers": [p(true, 0, 0), p(true, 0, 0)]})
+        ));
+        assert!(!sync_quiet(
+            &json!({"peers": [p(true, 0, 0), p(false, 0, 0)]})
+        ));
+        assert!(!sync_quiet(&json!({"peers": [p(true, 2, 0)]})));
+        assert!(!sync_quiet(&json!({"peers": [p(true, 0, 10)]})));
+        assert!(
+            !sync_quiet(&json!({"peers": []})),
+            "no peer is not caught up"
+        );
+        assert!(!sync_quiet(&json!({"error": "x"})));
     }
 
     #[test]
