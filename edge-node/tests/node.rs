@@ -713,3 +713,104 @@ async fn kill_9_and_restart_lose_no_acknowledged_sample_and_count_none_twice() {
         "rollup counts per window differ from the raw zone"
     );
 }
+
+// ------------------------------------------------------------------ wrong clocks
+
+/// Wall time = real time minus an offset that the test can change: a box
+/// that booted in 1970 and later got its clock set.
+struct SkewedClock {
+    offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl edge_node::clock::Clock for SkewedClock {
+    fn now(&self) -> Timestamp {
+        let real = SystemClock.now();
+        Timestamp(real.0 - self.offset_ms.load(Ordering::SeqCst))
+    }
+    fn monotonic(&self) -> std::time::Instant {
+        edge_node::clock::Clock::monotonic(&SystemClock)
+    }
+}
+
+/// Booted in 1970: the loop runs, rollups are marked `clock_unsynced` and
+/// kept on the edge (no 1970 telemetry document); once the clock is set,
+/// new rollups go to today's document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_box_booted_in_1970_controls_and_never_files_rollups_under_a_wrong_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let plant = Plant::new(4.0);
+    let (plant_addr, plant_task) = serve(plant.clone()).await;
+    // Wall clock reads 1970-01-02 plus real elapsed time.
+    let clock = Arc::new(SkewedClock {
+        offset_ms: std::sync::atomic::AtomicI64::new(now().0 - schemas::time::MS_PER_DAY),
+    });
+    let mut opts = fast_opts();
+    opts.clock = clock.clone();
+    opts.sync = false;
+    let cfg = config(dir.path(), plant_addr, None, 50);
+    let node = EdgeNode::start(cfg.clone(), opts).await.unwrap();
+    let state = node.state().clone();
+
+    wait_for("unsynced rollups in the local bucket", 20, || {
+        state
+            .local_rollups
+            .snapshot()
+            .values()
+            .any(|r| r.clock_unsynced && r.count > 0)
+    })
+    .await;
+    let telemetry = |state: &edge_node::node::NodeState| {
+        state
+            .store
+            .list()
+            .into_iter()
+            .filter(|id| id.kind() == schemas::ids::DocKind::Telemetry)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        telemetry(&state).is_empty(),
+        "filed under a day: {:?}",
+        telemetry(&state)
+    );
+    assert!(
+        state
+            .local_rollups
+            .snapshot()
+            .values()
+            .all(|r| r.clock_unsynced)
+    );
+    wait_for("the loop ticking with a wrong clock", 20, || {
+        state
+            .loop_states()
+            .iter()
+            .any(|(_, _, j)| j.is_some_and(|j| j.count >= 10))
+    })
+    .await;
+    assert!(
+        telemetry(&state).is_empty(),
+        "filed under a day: {:?}",
+        telemetry(&state)
+    );
+
+    // The clock gets set (NTP, an operator): wall time jumps to today.
+    clock.offset_ms.store(0, Ordering::SeqCst);
+    let today = DocId::telemetry(&cfg.node.tenant, &cfg.node.site, &room(), now().day());
+    let store = state.store.clone();
+    wait_for("rollups in today's document", 20, || {
+        rollup_count(&store, &today) > 0
+    })
+    .await;
+    assert_eq!(telemetry(&state), vec![today.clone()]);
+    let (rollups, _) = store
+        .read(&today, |d| docs::telemetry::rollups(d).unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(
+        rollups
+            .iter()
+            .all(|r| !r.clock_unsynced && r.window_start.is_plausible())
+    );
+    drop((store, state));
+    node.shutdown().await.unwrap();
+    plant_task.abort();
+}
