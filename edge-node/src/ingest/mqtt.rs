@@ -25,8 +25,21 @@ pub(crate) struct MqttTask {
     stop: watch::Sender<bool>,
     connected: Arc<AtomicBool>,
     client: AsyncClient,
-    eventloop: JoinHandle<()>,
-    worker: JoinHandle<()>,
+    eventloop: Option<JoinHandle<()>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Drop for MqttTask {
+    /// Dropped without [`MqttTask::stop`]: end both tasks anyway.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in [self.eventloop.take(), self.worker.take()]
+            .into_iter()
+            .flatten()
+        {
+            t.abort();
+        }
+    }
 }
 
 impl MqttTask {
@@ -76,8 +89,8 @@ impl MqttTask {
             stop: stop_tx,
             connected,
             client,
-            eventloop: el,
-            worker,
+            eventloop: Some(el),
+            worker: Some(worker),
         })
     }
 
@@ -85,18 +98,20 @@ impl MqttTask {
         self.connected.load(Ordering::Relaxed)
     }
 
-    pub(crate) async fn stop(self) {
+    pub(crate) async fn stop(mut self) {
         let _ = self.stop.send(true);
-        if let Err(e) = self.worker.await {
+        if let Some(w) = self.worker.take()
+            && let Err(e) = w.await
+        {
             tracing::warn!(error = %e, "mqtt ingest worker ended abnormally");
         }
         // A clean DISCONNECT keeps the persistent session on the broker;
         // whatever was not acked is redelivered on the next connect.
         let _ = self.client.try_disconnect();
-        let mut el = self.eventloop;
-        if tokio::time::timeout(Duration::from_secs(2), &mut el)
-            .await
-            .is_err()
+        if let Some(mut el) = self.eventloop.take()
+            && tokio::time::timeout(Duration::from_secs(2), &mut el)
+                .await
+                .is_err()
         {
             el.abort();
             let _ = el.await;
