@@ -97,7 +97,10 @@ async fn copy_lines(
         }
         {
             let mut f = file.lock().await;
+            // tokio's File hands writes to a blocking thread: flush so
+            // the line is in the file when the copier is awaited.
             let _ = f.write_all(format!("{tag} {line}\n").as_bytes()).await;
+            let _ = f.flush().await;
         }
         log.push(line);
     }
