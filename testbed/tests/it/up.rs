@@ -1,5 +1,5 @@
 //! `testbed up` as a process: its orchestration against a stand-in for the
-//! hub and edge binaries (`examples/fake_node.rs`, same command-line
+//! hub and edge binaries (`src/bin/testbed-fake-node.rs`, same command-line
 //! contracts), the data-directory guard, and what happens when a child dies.
 //! The fleet against the real binaries is in `fleet.rs`.
 
@@ -14,26 +14,9 @@ use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_testbed");
 
-/// `target/<profile>/` of this test binary (`.../deps/it-...`).
-pub(crate) fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-/// The fake node example, built if `cargo test` did not build it.
+/// The stand-in for the hub and edge binaries (`src/bin/testbed-fake-node.rs`).
 fn fake_node() -> PathBuf {
-    let path = target_dir().join("examples").join("fake_node");
-    if !path.is_file() {
-        let st = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "testbed", "--example", "fake_node"])
-            .status()
-            .unwrap();
-        assert!(
-            st.success(),
-            "cargo build -p testbed --example fake_node failed"
-        );
-    }
-    path
+    PathBuf::from(env!("CARGO_BIN_EXE_testbed-fake-node"))
 }
 
 pub(crate) fn signal(pid: u32, sig: &str) {
@@ -97,6 +80,26 @@ fn up(data: &Path, bin: &Path, extra: &[&str]) -> Command {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     c
+}
+
+/// Live processes whose command line mentions `needle` (a test's unique
+/// temporary directory): what a run left behind.
+pub(crate) fn procs_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(&needle) && pid_alive(pid) {
+            out.push((pid, cmd));
+        }
+    }
+    out
 }
 
 fn pids(fleet_json: &Path) -> Vec<u32> {
@@ -190,6 +193,7 @@ async fn fake_fleet_comes_up_with_progress_and_stops_on_sigterm_leaving_nothing(
     for p in &pids {
         assert!(!pid_alive(*p), "pid {p} left running");
     }
+    assert_eq!(procs_mentioning(&data), Vec::new(), "left behind");
     for a in device_addrs {
         assert!(
             tokio::net::TcpStream::connect(a).await.is_err(),
@@ -274,4 +278,35 @@ async fn missing_binaries_are_named_with_how_to_build_them() {
         stderr.contains("/nonexistent/cloud-hub") && stderr.contains("cargo build -p cloud-hub"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn ctrl_c_while_the_hub_is_starting_stops_it_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("run");
+    let mut cmd = up(&data, &fake_node(), &["--sites", "1", "--devices", "1"]);
+    cmd.env("FAKE_SERVE_DELAY_MS", "30000");
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    read_until(&mut lines, "[2/5]", Duration::from_secs(30)).await;
+    // The hub is being started: wait until its process exists.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !procs_mentioning(&data)
+        .iter()
+        .any(|(_, c)| c.contains("serve"))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "hub never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(child.id().unwrap(), "-INT");
+    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
+    let mut rest = Vec::new();
+    while let Ok(Some(l)) = lines.next_line().await {
+        rest.push(l);
+    }
+    let rest = rest.join("\n");
+    assert!(status.success(), "{status:?}\n{rest}");
+    assert!(rest.contains("interrupted while starting"), "{rest}");
+    assert!(rest.contains("hub (pid"), "{rest}");
+    assert_eq!(procs_mentioning(&data), Vec::new(), "left behind");
 }

@@ -1,11 +1,13 @@
-//! A stand-in for the `cloud-hub` and `edge-node` binaries that speaks their
+//! `testbed-fake-node`, for tests only: a stand-in for the `cloud-hub` and
+//! `edge-node` binaries that speaks their
 //! command-line contracts (init, token create, user token create, serve, run:
 //! ready lines, an HTTP port answering 200, exit 0 on SIGTERM) so the tests
 //! of `testbed up` can check its orchestration without the real ones.
 //!
 //! Behaviour switches (environment): `FAKE_SERVE_FAIL=1` makes `serve` exit
 //! 3 before its ready line; `FAKE_EDGE_EXIT_AFTER_MS=N` makes `run` exit 4 N
-//! ms after its ready line.
+//! ms after its ready line; `FAKE_SERVE_DELAY_MS=N` delays the hub's ready
+//! line by N ms.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -102,6 +104,13 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: fake hub cannot bind its sync port");
             return std::process::ExitCode::from(3);
         }
+        if let Some(ms) = std::env::var("FAKE_SERVE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            eprintln!("hub: starting slowly");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let Some(path) = arg_after(&args, "--config") else {
             eprintln!("error: serve needs --config");
             return std::process::ExitCode::from(2);
@@ -127,6 +136,6 @@ async fn main() -> std::process::ExitCode {
             }
         }
     }
-    eprintln!("error: fake_node: unknown command {args:?}");
+    eprintln!("error: testbed-fake-node: unknown command {args:?}");
     std::process::ExitCode::from(2)
 }
