@@ -814,3 +814,158 @@ async fn a_box_booted_in_1970_controls_and_never_files_rollups_under_a_wrong_day
     node.shutdown().await.unwrap();
     plant_task.abort();
 }
+
+// ------------------------------------------------------------------ enrolment
+
+/// A hub that redeems one token and signs registries listing the edge and
+/// a second site peer, active or revoked.
+struct ToyHub {
+    key: NodeKey,
+    peer: schemas::identity::EndpointKey,
+    used: Mutex<bool>,
+}
+
+impl ToyHub {
+    fn registry(
+        &self,
+        edge: schemas::identity::EndpointKey,
+        seq: u64,
+        peer_revoked: bool,
+    ) -> sync_core::registry::SignedRegistry {
+        let rec = |k, revoked: bool| schemas::identity::IdentityRecord {
+            schema_version: Default::default(),
+            endpoint_id: k,
+            tenant: "demo".parse().ok(),
+            site: "site-1".parse().ok(),
+            role: Role::Edge,
+            enrolled_at: now(),
+            revoked_at: revoked.then(now),
+            revoked_reason: revoked.then(|| "box stolen".to_string()),
+        };
+        let mut records = vec![rec(edge, false), rec(self.peer, peer_revoked)];
+        records.sort_by_key(|r| r.endpoint_id);
+        sync_core::registry::RegistrySnapshot {
+            schema_version: Default::default(),
+            issuer: self.key.public(),
+            seq,
+            records,
+        }
+        .sign(self.key.signing_key())
+    }
+}
+
+impl sync_core::enrol::Enroller for ToyHub {
+    fn enrol(
+        &self,
+        token: &str,
+        endpoint: schemas::identity::EndpointKey,
+    ) -> Result<sync_core::registry::SignedRegistry, String> {
+        if token != "tok-1" {
+            return Err("forged token".into());
+        }
+        let mut used = self.used.lock().unwrap();
+        if *used {
+            return Err("token already used".into());
+        }
+        *used = true;
+        Ok(self.registry(endpoint, 1, false))
+    }
+}
+
+/// First start with a join token enrols; the registry then replaces the
+/// config's trust; a revocation the hub publishes in `fleet/identity`
+/// reaches the edge and still holds after a restart with the hub gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrols_with_a_join_token_and_keeps_refusing_a_revoked_peer_without_the_hub() {
+    use edge_node::directory::DirectorySource;
+    use sync_core::authz::Directory;
+
+    let dir = tempfile::tempdir().unwrap();
+    let plant = Plant::new(4.0);
+    let (plant_addr, plant_task) = serve(plant.clone()).await;
+    let edge_key = NodeKey::load_or_create(&dir.path().join("node.key")).unwrap();
+    let peer = NodeKey::from_bytes([21; 32]).public();
+    let hub_key = NodeKey::from_bytes([20; 32]);
+    let toy = Arc::new(ToyHub {
+        key: hub_key.clone(),
+        peer,
+        used: Mutex::new(false),
+    });
+    let mut hub_dir = StaticDirectory::default();
+    hub_dir.insert(PeerInfo {
+        key: edge_key.public(),
+        role: Role::Edge,
+        tenant: "demo".parse().ok(),
+        site: "site-1".parse().ok(),
+    });
+    let local = Region::new("local").unwrap();
+    let hub_store = Arc::new(DocStore::in_memory(hub_key.clone()));
+    let handler = sync_core::enrol::EnrolHandler::new(toy.clone());
+    let hub = SyncNode::spawn_with(
+        &hub_key,
+        hub_store.clone(),
+        Arc::new(Authz::new(
+            PeerInfo {
+                key: hub_key.public(),
+                role: Role::Hub,
+                tenant: None,
+                site: None,
+            },
+            Some(HubScope {
+                tier: HubTier::Regional,
+                regions: vec![local.clone()],
+                tenant_regions: [("demo".parse().unwrap(), local)].into(),
+            }),
+        )),
+        Arc::new(hub_dir),
+        DriverConfig::default(),
+        &[sync_core::enrol::ENROL_ALPN],
+        |b| b.accept(sync_core::enrol::ENROL_ALPN, handler),
+    )
+    .await
+    .unwrap();
+    let hub_addr = hub
+        .local_addrs()
+        .into_iter()
+        .find(SocketAddr::is_ipv4)
+        .unwrap();
+
+    let text = config_text(dir.path(), plant_addr, Some((hub_key.clone(), hub_addr)), 100).replace(
+        "[listen]",
+        &format!("join_token = \"tok-1\"\n\n[[peers]]\nendpoint_id = \"{peer}\"\naddr = \"127.0.0.1:9\"\n\n[listen]"),
+    );
+    let cfg = EdgeConfig::parse(Path::new("edge.toml"), &text).unwrap();
+    let mut opts = fast_opts();
+    opts.http = false;
+    let node = EdgeNode::start(cfg.clone(), opts.clone()).await.unwrap();
+    let d = node.state().directory.clone();
+    wait_for("enrolment", 20, || d.source() == DirectorySource::Registry).await;
+    assert_eq!(d.registry_seq(), Some(1));
+    assert_eq!(d.lookup(&peer).unwrap().role, Role::Edge);
+
+    // The hub revokes the peer and publishes the registry by sync.
+    let signed = toy.registry(edge_key.public(), 2, true);
+    hub_store
+        .change(&DocId::Identity, now(), |doc| {
+            docs::put_root_json(doc, sync_core::registry::IDENTITY_DOC_KEY, &signed)
+        })
+        .unwrap();
+    wait_for("revocation at the edge", 20, || d.registry_seq() == Some(2)).await;
+    assert!(d.lookup(&peer).is_none(), "a revoked peer is refused");
+    drop(d);
+    node.shutdown().await.unwrap();
+    hub.shutdown().await;
+
+    // Restart with the hub gone: still enrolled, still refusing the peer.
+    let node = EdgeNode::start(cfg, opts).await.unwrap();
+    let d = node.state().directory.clone();
+    wait_for("registry loaded from the store", 20, || {
+        d.registry_seq() == Some(2)
+    })
+    .await;
+    assert!(d.lookup(&peer).is_none());
+    assert_eq!(d.lookup(&hub_key.public()).unwrap().role, Role::Hub);
+    drop(d);
+    node.shutdown().await.unwrap();
+    plant_task.abort();
+}
