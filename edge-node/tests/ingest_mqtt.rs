@@ -356,3 +356,28 @@ async fn a_message_the_sink_refused_is_not_acked_and_is_redelivered() {
     wait_for("its ack", || h.stats().mqtt_acked >= 1).await;
     h.stop().await;
 }
+
+#[tokio::test]
+async fn the_driver_reconnects_after_the_broker_restarts() {
+    let Some(mut b) = broker() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(RecordingSink::default());
+    let cfg = config(dir.path(), &b.addr(), "edge-reconnect");
+    let h = start(&cfg, &sink).await;
+    wait_subscribed(&b, &sink).await;
+    let connects = h.stats().mqtt_connects;
+
+    // SIGKILL: the broker forgets the session (never saved), so the driver
+    // must reconnect with backoff and subscribe again on its own.
+    b.restart().unwrap();
+    wait_for("a reconnect", || h.stats().mqtt_connects > connects).await;
+    wait_subscribed(&b, &sink).await;
+    b.publish("plant/room-9/telemetry", &[reading(T0 + 7, 70.0)])
+        .unwrap();
+    wait_for("the sample after reconnect", || {
+        sink.of("room-9").len() == 1
+    })
+    .await;
+    assert!(h.mqtt_connected());
+    h.stop().await;
+}

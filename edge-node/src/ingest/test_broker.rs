@@ -2,6 +2,7 @@
 //! loopback port with a generated config and persistence in a temp dir,
 //! killed when dropped. Needs Debian's `mosquitto` and `mosquitto-clients`.
 
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -41,7 +42,24 @@ fn on_path(bin: &str) -> Option<PathBuf> {
 pub struct Mosquitto {
     child: Child,
     port: u16,
+    bin: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+fn spawn(bin: &Path, dir: &Path) -> Result<Child, BrokerError> {
+    let fail = |what: &str, e: std::io::Error| BrokerError::Failed(format!("{what}: {e}"));
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("mosquitto.log"))
+        .map_err(|e| fail("log file", e))?;
+    Command::new(bin)
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| fail("spawn", e))
 }
 
 impl Mosquitto {
@@ -66,39 +84,46 @@ impl Mosquitto {
         std::fs::File::create(&conf)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .map_err(|e| fail("write config", e))?;
-        let log = std::fs::File::create(dir.path().join("mosquitto.log"))
-            .map_err(|e| fail("log file", e))?;
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| fail("spawn", e))?;
+        let child = spawn(&bin, dir.path())?;
         let mut m = Mosquitto {
             child,
             port,
+            bin,
             _dir: dir,
         };
+        m.wait_listening()?;
+        Ok(m)
+    }
+
+    fn wait_listening(&mut self) -> Result<(), BrokerError> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Ok(Some(st)) = m.child.try_wait() {
+            if let Ok(Some(st)) = self.child.try_wait() {
                 return Err(BrokerError::Failed(format!(
                     "exited with {st}: {}",
-                    m.log()
+                    self.log()
                 )));
             }
             if Instant::now() > deadline {
                 return Err(BrokerError::Failed(format!(
                     "not listening after 10 s: {}",
-                    m.log()
+                    self.log()
                 )));
             }
             // Poll the condition (listening) under the deadline above.
             std::thread::park_timeout(Duration::from_millis(20));
         }
-        Ok(m)
+        Ok(())
+    }
+
+    /// Kill the broker (SIGKILL: sessions not yet saved are lost) and start
+    /// it again on the same port with the same files.
+    pub fn restart(&mut self) -> Result<(), BrokerError> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.bin, self._dir.path())?;
+        self.wait_listening()
     }
 
     /// `127.0.0.1:port`.
