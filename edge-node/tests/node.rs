@@ -969,3 +969,66 @@ async fn enrols_with_a_join_token_and_keeps_refusing_a_revoked_peer_without_the_
     node.shutdown().await.unwrap();
     plant_task.abort();
 }
+
+// ------------------------------------------------------------------ CLI
+
+/// `check-config` prints the validated config, or names file, field and
+/// reason and exits 2; `run` on a bad config exits 2 too.
+#[test]
+fn check_config_names_file_field_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        config_text(
+            &dir.path().join("data"),
+            "127.0.0.1:502".parse().unwrap(),
+            None,
+            100,
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-node"))
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        printed.contains("retention_hours = 168"),
+        "defaults filled in: {printed}"
+    );
+    // What it prints is itself a valid config.
+    EdgeConfig::parse(Path::new("printed.toml"), &printed).unwrap();
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&good)
+            .unwrap()
+            .replace("sensor = \"temperature\"", "sensor = \"temp\""),
+    )
+    .unwrap();
+    for args in [
+        vec!["check-config".to_string()],
+        vec!["run".into(), "--config".into()],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-node"))
+            .args(&args)
+            .arg(&bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains("bad.toml: loops[0].sensor: device \"room-1\" has no register \"temp\""),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
