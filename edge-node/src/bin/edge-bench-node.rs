@@ -396,6 +396,9 @@ async fn jitter(
         sync_nodes.push(edge);
     }
 
+    // As in the node: the loop runs on its own runtime thread.
+    let loop_rt = edge_node::node::loop_runtime::LoopRuntime::start()?;
+    let guard = loop_rt.handle().enter();
     let runner = spawn_loop(
         &cfg,
         prx,
@@ -405,9 +408,11 @@ async fn jitter(
         etx,
         LoopOptions::default(),
     )?;
+    drop(guard);
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let j = runner.jitter().unwrap_or_default();
     runner.stop().await;
+    loop_rt.shutdown().await;
     stop.store(true, Ordering::Relaxed);
     if let Some(f) = flood {
         let _ = f.await;

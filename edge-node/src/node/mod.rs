@@ -24,6 +24,7 @@
 //!   calendar-day document (see [`sink`]);
 //! - every task started here is stopped by [`EdgeNode::shutdown`].
 
+pub mod loop_runtime;
 pub mod sink;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -290,6 +291,7 @@ pub struct EdgeNode {
     device_runners: Vec<DeviceRunner>,
     tasks: Vec<JoinHandle<()>>,
     pump: Option<JoinHandle<()>>,
+    loop_rt: Option<loop_runtime::LoopRuntime>,
     ingest: Option<crate::ingest::IngestHandle>,
     acker: Option<JoinHandle<()>>,
     pipeline: Option<JoinHandle<Result<(), String>>>,
@@ -433,6 +435,8 @@ impl EdgeNode {
 
         // Control loops.
         let (loop_ev_tx, loop_ev_rx) = mpsc::channel::<LoopEvent>(1024);
+        let loop_rt = loop_runtime::LoopRuntime::start()
+            .map_err(|e| NodeError::Config(format!("start the control loop thread: {e}")))?;
         let mut loops = Vec::new();
         let mut params_tx: Vec<(LoopConfig, LoopParams, watch::Sender<LoopParams>)> = Vec::new();
         for l in &cfg.loops {
@@ -451,6 +455,8 @@ impl EdgeNode {
                     output.clone()
                 }
             };
+            // Spawned on the loops' own runtime thread.
+            let _guard = loop_rt.handle().enter();
             let runner = crate::control::spawn_loop(
                 l,
                 rx,
@@ -634,6 +640,7 @@ impl EdgeNode {
             device_runners,
             tasks,
             pump: Some(pump),
+            loop_rt: Some(loop_rt),
             ingest: Some(ingest),
             acker: Some(acker),
             pipeline: Some(pipeline),
@@ -681,6 +688,9 @@ impl EdgeNode {
         let loops = std::mem::take(&mut *lock(&self.state.loops));
         for l in loops {
             l.stop().await;
+        }
+        if let Some(rt) = self.loop_rt.take() {
+            rt.shutdown().await;
         }
         for d in self.device_runners.drain(..) {
             d.stop().await;
