@@ -19,6 +19,14 @@ pub fn check(windows: &[RelayWindow]) -> Verdict {
         })
         .collect();
     let sent: u64 = cuts.iter().map(|w| w.packets_in).sum();
+    if sent == 0 {
+        // Nothing tried to cross: the cut was not exercised, and silence
+        // could also mean the pair talked by another path.
+        return Verdict::unknown(
+            "isolation",
+            "no datagram was sent into any partition: the cut was not exercised",
+        );
+    }
     Verdict::new(
         "isolation",
         evidence,
@@ -59,5 +67,9 @@ mod tests {
         assert_eq!(ok.status, Status::Pass);
         assert!(ok.summary.contains("40 sent"));
         assert_eq!(check(&[w("loss", 5)]).status, Status::Unknown);
+        let mut silent = w("partition", 0);
+        silent.packets_in = 0;
+        silent.dropped_partition = 0;
+        assert_eq!(check(&[silent]).status, Status::Unknown);
     }
 }

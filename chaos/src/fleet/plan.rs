@@ -19,6 +19,9 @@ use testbed::physics::DeviceKind;
 use super::FleetError;
 use crate::scenario::{Link, NodeRole, Scenario};
 
+/// The edges' summariser window in a chaos run, seconds.
+pub const SUMMARY_WINDOW_S: u64 = 10;
+
 /// A simulated device an edge polls.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedDevice {
@@ -299,6 +302,9 @@ impl FleetPlan {
             cfg.alarms
                 .extend(testbed::maps::suggested_alarms(d.kind, &d.id));
         }
+        // Short windows, so that once writers stop every window closes and
+        // syncs well within a quiescence timeout.
+        cfg.summariser.window_s = SUMMARY_WINDOW_S;
         cfg.validate().map_err(|(field, reason)| {
             FleetError::Plan(format!(
                 "{}: generated config: {field}: {reason}",

@@ -132,6 +132,7 @@ impl NodeProcess {
         let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

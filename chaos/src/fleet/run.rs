@@ -804,6 +804,20 @@ impl Fleet {
         None
     }
 
+    /// Stop every simulated device server (the writers' source).
+    pub async fn stop_devices(&mut self) {
+        for (edge, d) in std::mem::take(&mut self.devices) {
+            if let Err(e) = d.stop().await {
+                tracing::warn!(edge = %edge, error = %e, "stop devices");
+            }
+        }
+        let t = self.now_ms();
+        self.history("chaos/runner", OpType::Invoke, "stop-devices", json!({}));
+        self.record
+            .history
+            .push("chaos/runner", OpType::Ok, "stop-devices", json!({}), t);
+    }
+
     /// Stop every node (SIGTERM, so stores flush), read every replica's
     /// heads from its store, and return the record.
     pub async fn finish(mut self, converged_at_ms: Option<i64>) -> Result<RunRecord, FleetError> {
@@ -813,7 +827,29 @@ impl Fleet {
         for span in &mut self.record.observations.downtime {
             span.to_ms = span.to_ms.min(end_ms);
         }
-        let procs = std::mem::take(&mut self.procs);
+        // Whole-run totals per relay direction, beside the fault windows.
+        let links: Vec<_> = self.mesh.links().cloned().collect();
+        for l in links {
+            for (d, from, to) in [("a-to-b", &l.a, &l.b), ("b-to-a", &l.b, &l.a)] {
+                let c = self.mesh.counters(from, to).unwrap_or_default();
+                self.record.relay_windows.push(RelayWindow {
+                    link: l.to_string(),
+                    direction: d.to_string(),
+                    faults: "total".to_string(),
+                    from_ms: 0,
+                    to_ms: end_ms,
+                    packets_in: c.packets_in,
+                    forwarded: c.forwarded,
+                    dropped_partition: c.dropped_partition,
+                    dropped_other: c.dropped() - c.dropped_partition,
+                });
+            }
+        }
+        // Edges first, hubs last: an edge's final flush can still reach
+        // a running hub.
+        let mut procs: Vec<(String, NodeProcess)> =
+            std::mem::take(&mut self.procs).into_iter().collect();
+        procs.sort_by_key(|(n, _)| self.plan.node(n).is_some_and(|p| p.is_hub()));
         for (name, p) in procs {
             if let Err(e) = p.stop(Duration::from_secs(10)).await {
                 tracing::warn!(node = %name, error = %e, "stop");
@@ -865,6 +901,12 @@ pub async fn run_scenario(s: &Scenario, opts: RunOptions) -> Result<RunRecord, F
         let _ = fleet.finish(None).await;
         return Err(e);
     }
+    // Quiesce the writers: with the devices gone no new sample arrives, so
+    // after one summariser window the last rollups are written and can
+    // sync. Convergence is judged on what the stores hold once the fleet
+    // is quiet.
+    fleet.stop_devices().await;
+    tokio::time::sleep(Duration::from_secs(super::plan::SUMMARY_WINDOW_S + 2)).await;
     let converged = fleet.wait_quiescent(s.checks.quiescence_timeout).await;
     fleet.finish(converged).await
 }
