@@ -545,20 +545,45 @@ impl AuditLog {
         key: SigningKey,
         now: Timestamp,
     ) -> Result<(AuditLog, OpenOutcome), AuditError> {
+        Self::open_inner(path, key, now, false)
+    }
+
+    /// Like [`AuditLog::open`], but if another process (the CLI, or `serve`) holds the log,
+    /// block until it lets go instead of failing with [`AuditError::Locked`]. Holders keep
+    /// the log for one command or one append, so the wait is short. Blocking: call it from
+    /// a blocking thread in async code.
+    pub fn open_wait(
+        path: &Path,
+        key: SigningKey,
+        now: Timestamp,
+    ) -> Result<(AuditLog, OpenOutcome), AuditError> {
+        Self::open_inner(path, key, now, true)
+    }
+
+    fn open_inner(
+        path: &Path,
+        key: SigningKey,
+        now: Timestamp,
+        wait: bool,
+    ) -> Result<(AuditLog, OpenOutcome), AuditError> {
         let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(path)
             .map_err(io_err(path, "open"))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(AuditError::Locked {
-                    path: path.to_path_buf(),
-                });
+        if wait {
+            file.lock().map_err(io_err(path, "lock"))?;
+        } else {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(AuditError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(path, "lock")(e)),
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(path, "lock")(e)),
         }
         let report = verify_inner(path, &key.verifying_key(), SigCheck::LastOnly)?;
         let mut log = AuditLog {

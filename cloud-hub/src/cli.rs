@@ -67,6 +67,14 @@ struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the hub: the sync endpoint (iroh QUIC, `fieldsync/1`) with enrolment
+    /// (`fieldsync-enrol/1`) on the same endpoint, the HTTP API and dashboard, and (on a
+    /// regional hub with `upstream`) the link to the global hub. Prints
+    /// `ready hub=<id> sync=<ip:port> http=http://<addr>` once listening; Ctrl-C or SIGTERM
+    /// shut it down gracefully (exit 0). `node revoke` may be run while it serves: the hub
+    /// re-reads the registry file within a second, closes the node's connections and
+    /// republishes the signed registry to the edges.
+    Serve(ServeArgs),
     /// Create the hub key (mode 0600) and data directory; print the hub endpoint id.
     /// Safe to re-run: an existing key is kept.
     Init,
@@ -82,6 +90,19 @@ enum Command {
     /// API users: bearer tokens for the HTTP API and dashboard.
     #[command(subcommand)]
     User(cloud_hub::users::UserCmd),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// HTTP API and dashboard address (overrides `http_listen`).
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
+    /// QUIC sync address (overrides `sync_listen`; port 0 picks a free port).
+    #[arg(long)]
+    sync_bind: Option<std::net::SocketAddr>,
+    /// Do not serve HTTP.
+    #[arg(long)]
+    no_http: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,7 +146,8 @@ enum NodeCmd {
         endpoint: EndpointKey,
     },
     /// Revoke a node: it may no longer sync, and edges refuse it once they hold the new
-    /// signed registry. (Closing live connections comes with the sync endpoint.)
+    /// signed registry. Works while `serve` runs: the hub notices the registry change,
+    /// closes the node's live connections within seconds and republishes the registry.
     Revoke {
         /// The node's endpoint id (64 hex digits).
         id: EndpointKey,
@@ -135,6 +157,15 @@ enum NodeCmd {
     },
     /// Print the hub-signed registry snapshot (JSON) that edges hold read-only.
     Snapshot,
+    /// Record a regional hub's endpoint id in this (global) hub's registry, so it may sync
+    /// fleet aggregates here.
+    AddHub {
+        /// The regional hub's endpoint id (64 hex digits).
+        id: EndpointKey,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,18 +188,24 @@ struct Paths {
     audit: PathBuf,
 }
 
+/// The hub config from `--config` (or defaults) with `--data-dir` and `--key` applied.
+fn load_config(g: &GlobalArgs) -> anyhow::Result<HubConfig> {
+    let mut cfg = match &g.config {
+        Some(p) => HubConfig::load(p).map_err(|e| anyhow!("{e}"))?,
+        None => HubConfig::default(),
+    };
+    if let Some(d) = &g.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if let Some(k) = &g.key {
+        cfg.key_path = Some(k.clone());
+    }
+    Ok(cfg)
+}
+
 impl Paths {
     fn resolve(g: &GlobalArgs) -> anyhow::Result<Paths> {
-        let mut cfg = match &g.config {
-            Some(p) => HubConfig::load(p).map_err(|e| anyhow!("{e}"))?,
-            None => HubConfig::default(),
-        };
-        if let Some(d) = &g.data_dir {
-            cfg.data_dir = d.clone();
-        }
-        if let Some(k) = &g.key {
-            cfg.key_path = Some(k.clone());
-        }
+        let cfg = load_config(g)?;
         Ok(Paths {
             key: cfg.key_path(),
             registry: cfg.data_dir.join("registry.json"),
@@ -216,8 +253,9 @@ pub(crate) fn main() -> ExitCode {
 }
 
 fn open_audit(paths: &Paths, key: &SigningKey) -> anyhow::Result<AuditLog> {
+    // Wait (briefly) if a running hub is appending.
     let (log, outcome) =
-        AuditLog::open(&paths.audit, key.clone(), now()).context("open the audit log")?;
+        AuditLog::open_wait(&paths.audit, key.clone(), now()).context("open the audit log")?;
     if let Some((finding, saved)) = outcome.repaired {
         eprintln!(
             "note: repaired the audit log: {finding}; torn bytes saved to {}",
@@ -232,6 +270,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let who = actor(&cli.global);
     match cli.command {
         Command::Init => init(&paths, &who),
+        Command::Serve(args) => {
+            paths.require_init()?;
+            let mut cfg = load_config(&cli.global)?;
+            if let Some(h) = args.http {
+                cfg.http_listen = h;
+            }
+            if let Some(b) = args.sync_bind {
+                cfg.sync_listen = b;
+            }
+            serve(cfg, !args.no_http)
+        }
+        Command::Node(NodeCmd::AddHub { id, reason }) => {
+            let key = paths.load_key()?;
+            let mut log = open_audit(&paths, &key)?;
+            let mut reg = open_registry(&paths, key)?;
+            let t = now();
+            reg.add_hub(id, t)?;
+            log.append(
+                &AuditRecord {
+                    actor: who,
+                    action: "node.add_hub".into(),
+                    target: id.to_string(),
+                    reason,
+                    details: format!("role=hub registry_seq={}", reg.seq()),
+                },
+                t,
+            )
+            .context("the hub IS recorded, but recording it in the audit log failed; add the entry by hand")?;
+            println!("recorded hub {id} (registry seq {})", reg.seq());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::User(cmd) => {
             cloud_hub::users::run_cli(cmd, &paths.data_dir, &paths.audit, &paths.key, &who, now())?;
             Ok(ExitCode::SUCCESS)
@@ -358,7 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .context("the node IS revoked, but recording it in the audit log failed; add the entry by hand")?;
             println!(
-                "revoked {id} at {} (registry seq {}); live connections are not closed by this offline command",
+                "revoked {id} at {} (registry seq {}); a running hub closes its connections within seconds",
                 rec.revoked_at.unwrap_or(t),
                 reg.seq()
             );
@@ -452,4 +521,48 @@ fn audit_verify(path: &Path, hub: &VerifyingKey) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(if f.is_tampering() { 1 } else { 3 }))
         }
     }
+}
+
+/// `cloud-hub serve`: run until Ctrl-C or SIGTERM.
+fn serve(cfg: HubConfig, http: bool) -> anyhow::Result<ExitCode> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(async move {
+        let mut opts = cloud_hub::hub::ServeOptions::new(cfg);
+        opts.http = http;
+        let clock: std::sync::Arc<dyn cloud_hub::api::Clock> =
+            std::sync::Arc::new(cloud_hub::api::SystemClock::default());
+        let hub = cloud_hub::hub::Hub::start(opts, clock)
+            .await
+            .context("start the hub")?;
+        let sync = hub
+            .sync_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "none".into());
+        let http = hub
+            .http_addr()
+            .map(|a| format!("http://{a}"))
+            .unwrap_or_else(|| "off".into());
+        println!("ready hub={} sync={sync} http={http}", hub.endpoint_id());
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("install the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+        eprintln!("shutting down");
+        hub.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
 }

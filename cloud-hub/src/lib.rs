@@ -4,6 +4,7 @@ pub mod api;
 pub mod audit;
 pub mod dashboard;
 pub mod fleet_store;
+pub mod hub;
 pub mod keys;
 pub mod registry;
 pub mod rollout;

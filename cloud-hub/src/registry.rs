@@ -7,17 +7,16 @@
 //! Every mutation bumps a sequence number.
 //!
 //! For the edges, [`Registry::signed_snapshot`] produces a [`SignedRegistry`]: the records and
-//! the sequence number as JSON, signed by the hub. A [`RegistryReplica`] holds the newest
-//! verified snapshot read-only and answers "may this peer speak?" while the hub is
-//! unreachable; it refuses forged snapshots and snapshots older than the one it holds.
+//! the sequence number as JSON, signed by the hub. The snapshot types live in
+//! `sync_core::registry` (re-exported here) so edges can verify them: a [`RegistryReplica`]
+//! holds the newest verified snapshot read-only and answers "may this peer speak?" while the
+//! hub is unreachable; it refuses forged snapshots and snapshots older than the one it holds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::SigningKey;
 use schemas::identity::{EndpointKey, IdentityRecord};
 use schemas::time::Timestamp;
 use schemas::version::SchemaVersion;
@@ -26,8 +25,10 @@ use serde::{Deserialize, Serialize};
 use crate::keys::{endpoint_key, write_atomic};
 use crate::tokens::{self, TokenError};
 
-/// Domain separation for snapshot signatures.
-const SNAPSHOT_CONTEXT: &[u8] = b"fieldsync registry snapshot v1\0";
+use sync_core::registry::check_record;
+pub use sync_core::registry::{
+    PeerRefused, RegistryReplica, RegistrySnapshot, SignedRegistry, SnapshotError,
+};
 
 /// A redeemed join token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,6 +303,48 @@ impl<S: RegistryStore> Registry<S> {
         Ok(record)
     }
 
+    /// Record `endpoint` as a hub (a regional hub allowed to sync fleet aggregates into this
+    /// global hub). No token: an admin adds it by hand. Refuses a key already known.
+    pub fn add_hub(
+        &mut self,
+        endpoint: EndpointKey,
+        now: Timestamp,
+    ) -> Result<IdentityRecord, RegistryError> {
+        if endpoint == endpoint_key(&self.hub) {
+            return Err(RegistryError::HubKey { endpoint });
+        }
+        if let Some(r) = self.state.records.get(&endpoint) {
+            return Err(match r.revoked_at {
+                Some(at) => RegistryError::Revoked {
+                    endpoint,
+                    at,
+                    reason: r.revoked_reason.clone().unwrap_or_default(),
+                },
+                None => RegistryError::AlreadyEnrolled {
+                    endpoint,
+                    tenant: r.tenant.as_ref().map(|t| t.to_string()).unwrap_or_default(),
+                    site: r.site.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                    role: r.role,
+                },
+            });
+        }
+        let record = IdentityRecord {
+            schema_version: SchemaVersion::default(),
+            endpoint_id: endpoint,
+            tenant: None,
+            site: None,
+            role: schemas::ids::Role::Hub,
+            enrolled_at: now,
+            revoked_at: None,
+            revoked_reason: None,
+        };
+        let mut next = self.state.clone();
+        next.seq += 1;
+        next.records.insert(endpoint, record.clone());
+        self.commit(next)?;
+        Ok(record)
+    }
+
     /// Revoke `endpoint` for `reason` at `now`. Revoking twice is an error naming the
     /// first revocation.
     pub fn revoke(
@@ -376,214 +419,6 @@ impl<S: RegistryStore> Registry<S> {
             seq: self.state.seq,
             records: self.state.records.values().cloned().collect(),
         };
-        // Serialising plain data to a Vec cannot fail.
-        let payload = serde_json::to_string(&snapshot).unwrap_or_default();
-        let sig = self.hub.sign(&snapshot_signing_input(payload.as_bytes()));
-        SignedRegistry {
-            payload,
-            signature: URL_SAFE_NO_PAD.encode(sig.to_bytes()),
-        }
+        snapshot.sign(&self.hub)
     }
-}
-
-fn snapshot_signing_input(payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(SNAPSHOT_CONTEXT.len() + payload.len());
-    v.extend_from_slice(SNAPSHOT_CONTEXT);
-    v.extend_from_slice(payload);
-    v
-}
-
-/// The content of a registry snapshot.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RegistrySnapshot {
-    /// Schema version of this record.
-    #[serde(default)]
-    pub schema_version: SchemaVersion,
-    /// The hub that signed it.
-    pub issuer: EndpointKey,
-    /// The registry's sequence number; a replica accepts only increasing numbers.
-    pub seq: u64,
-    /// Every record, revoked ones included, ordered by endpoint key.
-    pub records: Vec<IdentityRecord>,
-}
-
-impl RegistrySnapshot {
-    /// The record of `endpoint`, if any.
-    pub fn lookup(&self, endpoint: &EndpointKey) -> Option<&IdentityRecord> {
-        self.records.iter().find(|r| &r.endpoint_id == endpoint)
-    }
-}
-
-/// A registry snapshot as shipped to edges: the exact JSON bytes that were signed, plus the
-/// signature (base64url), so verification never depends on re-serialising.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedRegistry {
-    /// JSON of a [`RegistrySnapshot`].
-    pub payload: String,
-    /// base64url ed25519 signature by the hub over the payload.
-    pub signature: String,
-}
-
-/// Why a snapshot was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SnapshotError {
-    /// The signature is not the expected hub's over this payload.
-    #[error("registry snapshot signature does not verify: forged, altered or from another hub")]
-    BadSignature,
-    /// The signature or payload does not decode.
-    #[error("malformed registry snapshot: {reason}")]
-    Malformed {
-        /// What is wrong.
-        reason: String,
-    },
-    /// The snapshot names a different issuer than the hub that signed it.
-    #[error("registry snapshot names issuer {claimed}, but was signed by {hub}")]
-    WrongIssuer {
-        /// The issuer in the payload.
-        claimed: EndpointKey,
-        /// The hub whose key verified it.
-        hub: EndpointKey,
-    },
-    /// Older than (or as old as, but different from) the snapshot already held.
-    #[error(
-        "registry snapshot seq {got} is not newer than the held seq {held}; refusing a rollback"
-    )]
-    Stale {
-        /// The held sequence number.
-        held: u64,
-        /// The offered one.
-        got: u64,
-    },
-}
-
-impl SignedRegistry {
-    /// Verify the hub's signature and decode the snapshot.
-    pub fn verify(&self, hub: &VerifyingKey) -> Result<RegistrySnapshot, SnapshotError> {
-        let sig_bytes =
-            URL_SAFE_NO_PAD
-                .decode(&self.signature)
-                .map_err(|e| SnapshotError::Malformed {
-                    reason: format!("signature is not base64url: {e}"),
-                })?;
-        let sig: [u8; 64] =
-            sig_bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| SnapshotError::Malformed {
-                    reason: format!("signature is {} bytes, expected 64", sig_bytes.len()),
-                })?;
-        hub.verify_strict(
-            &snapshot_signing_input(self.payload.as_bytes()),
-            &Signature::from_bytes(&sig),
-        )
-        .map_err(|_| SnapshotError::BadSignature)?;
-        let snap: RegistrySnapshot =
-            serde_json::from_str(&self.payload).map_err(|e| SnapshotError::Malformed {
-                reason: format!("payload does not decode: {e}"),
-            })?;
-        let hub_key = EndpointKey(hub.to_bytes());
-        if snap.issuer != hub_key {
-            return Err(SnapshotError::WrongIssuer {
-                claimed: snap.issuer,
-                hub: hub_key,
-            });
-        }
-        Ok(snap)
-    }
-}
-
-/// Why a peer is refused by a [`RegistryReplica`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum PeerRefused {
-    /// The replica holds no snapshot yet.
-    #[error("no registry snapshot from the hub yet; refusing {endpoint}")]
-    NoSnapshot {
-        /// The peer.
-        endpoint: EndpointKey,
-    },
-    /// The key is not in the registry.
-    #[error("endpoint {endpoint} is not enrolled (registry seq {seq})")]
-    Unknown {
-        /// The peer.
-        endpoint: EndpointKey,
-        /// The snapshot consulted.
-        seq: u64,
-    },
-    /// The key was revoked.
-    #[error("endpoint {endpoint} was revoked at {at}: {reason}")]
-    Revoked {
-        /// The peer.
-        endpoint: EndpointKey,
-        /// When.
-        at: Timestamp,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// An edge's read-only copy of the registry: the newest snapshot verified against the hub key.
-#[derive(Debug, Clone)]
-pub struct RegistryReplica {
-    hub: VerifyingKey,
-    current: Option<RegistrySnapshot>,
-}
-
-impl RegistryReplica {
-    /// An empty replica trusting snapshots signed by `hub`.
-    pub fn new(hub: VerifyingKey) -> Self {
-        RegistryReplica { hub, current: None }
-    }
-
-    /// Verify `snap` and adopt it if it is newer than the one held. Returns the new seq.
-    /// The same snapshot again is accepted as a no-op.
-    pub fn apply(&mut self, snap: &SignedRegistry) -> Result<u64, SnapshotError> {
-        let new = snap.verify(&self.hub)?;
-        if let Some(cur) = &self.current
-            && (new.seq < cur.seq || (new.seq == cur.seq && new != *cur))
-        {
-            return Err(SnapshotError::Stale {
-                held: cur.seq,
-                got: new.seq,
-            });
-        }
-        let seq = new.seq;
-        self.current = Some(new);
-        Ok(seq)
-    }
-
-    /// The held snapshot's sequence number.
-    pub fn seq(&self) -> Option<u64> {
-        self.current.as_ref().map(|s| s.seq)
-    }
-
-    /// Whether `endpoint` may speak: enrolled and not revoked. Returns its record.
-    pub fn check_peer(&self, endpoint: &EndpointKey) -> Result<&IdentityRecord, PeerRefused> {
-        let Some(snap) = &self.current else {
-            return Err(PeerRefused::NoSnapshot {
-                endpoint: *endpoint,
-            });
-        };
-        check_record(snap.lookup(endpoint), endpoint, snap.seq)
-    }
-}
-
-fn check_record<'a>(
-    rec: Option<&'a IdentityRecord>,
-    endpoint: &EndpointKey,
-    seq: u64,
-) -> Result<&'a IdentityRecord, PeerRefused> {
-    let rec = rec.ok_or(PeerRefused::Unknown {
-        endpoint: *endpoint,
-        seq,
-    })?;
-    if let Some(at) = rec.revoked_at {
-        return Err(PeerRefused::Revoked {
-            endpoint: *endpoint,
-            at,
-            reason: rec.revoked_reason.clone().unwrap_or_default(),
-        });
-    }
-    Ok(rec)
 }
