@@ -165,7 +165,11 @@ fn command(program: &Path, args: &[OsString]) -> Command {
     } else {
         Command::new(program)
     };
-    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    // Logs go to files: no terminal colour codes in them.
+    cmd.args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     cmd
 }
 

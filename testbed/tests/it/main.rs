@@ -6,5 +6,6 @@
 mod cli;
 mod control;
 mod faults;
+mod fleet;
 mod modbus;
 mod up;
