@@ -260,6 +260,9 @@ impl RateLimiter {
     }
 }
 
+/// The one route that accepts `?access_token=` instead of the header.
+pub const EVENTS_PATH: &str = "/api/v1/events";
+
 /// An authenticated caller. Extracting it answers 401 without a valid
 /// bearer token and 429 (with `Retry-After`) over the rate limit.
 #[derive(Debug, Clone, PartialEq)]
@@ -284,16 +287,31 @@ impl FromRequestParts<ApiState> for Caller {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m.to_string())
                 .with_details(serde_json::json!({ "scheme": "Bearer" }))
         };
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| unauthorized("missing Authorization: Bearer <token> header"))?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| unauthorized("Authorization header is not 'Bearer <token>'"))?;
+        // Browsers' EventSource cannot send headers: the events stream (and
+        // only it) also takes the token as `?access_token=`.
+        let query_token = if parts.uri.path() == EVENTS_PATH {
+            parts.uri.query().and_then(|q| {
+                serde_urlencoded::from_str::<Vec<(String, String)>>(q)
+                    .ok()?
+                    .into_iter()
+                    .find(|(k, _)| k == "access_token")
+                    .map(|(_, v)| v)
+            })
+        } else {
+            None
+        };
+        let token = match (parts.headers.get(header::AUTHORIZATION), &query_token) {
+            (Some(value), _) => value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .ok_or_else(|| unauthorized("Authorization header is not 'Bearer <token>'"))?,
+            (None, Some(t)) => t.as_str(),
+            (None, None) => {
+                return Err(unauthorized("missing Authorization: Bearer <token> header"));
+            }
+        };
         let (name, scope) = state
             .tokens
             .lookup(token)

@@ -1048,6 +1048,8 @@ pub(crate) async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (tenant, site) = scoped(&caller, &mut p)?;
     let kind: Option<String> = p.take("kind")?;
+    // Already used by the `Caller` extractor when no header was sent.
+    let _access_token: Option<String> = p.take("access_token")?;
     p.finish()?;
     let scope = caller.scope.clone();
     let stream = BroadcastStream::new(st.events.subscribe()).filter_map(move |item| {
