@@ -4,15 +4,18 @@
 //! The story: a reliability engineer writes a [`scenario`] (TOML: a fleet
 //! shape, a timeline of partitions, link faults, kills, clock skew,
 //! concurrent edits, commands, floods, device faults; checker settings) and
-//! validates it with `chaos check-scenarios`. A runner (not built yet: it
-//! needs the real fleet) puts a [`mesh::RelayMesh`] between the nodes, one
+//! validates it with `chaos check-scenarios`. The runner ([`fleet`],
+//! `chaos run`) starts a real fleet and puts a [`mesh::RelayMesh`] between the nodes, one
 //! [`link::Relay`] per node pair, applies [`scenario::Scenario::link_changes`]
 //! at their offsets, records a [`check::RunRecord`] (start from
 //! [`check::RunRecord::from_scenario`]), and `chaos report` turns it into
 //! verdicts with evidence ([`check`]) rendered as JSON, text and an SVG
 //! timeline ([`report`]). Exit codes: 0 pass, 1 fail, 2 error or undecided.
 //!
-//! Everything but the relay driver is pure: the shaper takes `now` as an
+//! [`sim`] (`chaos sim`) runs sync-core's deterministic simulator over
+//! many seeds and reports failures with the same evidence types.
+//!
+//! Everything but the relay driver and the fleet runner is pure: the shaper takes `now` as an
 //! argument, checkers and reports are functions of their input.
 //!
 //! ```
