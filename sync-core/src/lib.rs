@@ -6,15 +6,15 @@
 //! - [`store`]: documents persisted as change chunks, lazily loaded.
 //! - [`identity`]: node keys (0600 files) and actor ids bound to them.
 
+pub mod authz;
 pub mod docs;
 pub mod driver;
+pub mod enrol;
 pub mod identity;
+pub mod protocol;
+pub mod registry;
+pub mod session;
 pub mod storage;
 pub mod store;
-pub mod authz;
-pub mod protocol;
-pub mod session;
-pub mod registry;
-pub mod enrol;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

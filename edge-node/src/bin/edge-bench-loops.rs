@@ -231,7 +231,11 @@ async fn run() -> anyhow::Result<()> {
             loop {
                 t.tick().await;
                 x += 1;
-                let value = if (x / 100).is_multiple_of(2) { 2.0 } else { 6.0 };
+                let value = if (x / 100).is_multiple_of(2) {
+                    2.0
+                } else {
+                    6.0
+                };
                 values.set(
                     &dev,
                     "temp",
