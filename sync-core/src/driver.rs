@@ -345,6 +345,10 @@ async fn run_connection(
         &shared.store,
         Instant::now().into_std(),
     );
+    // Re-check admission every second: a peer revoked in the directory (for
+    // an edge: the hub-signed registry it holds) is cut off mid-session too.
+    let mut admission = tokio::time::interval(Duration::from_secs(1));
+    admission.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reason: String = loop {
         // Send everything the session has.
         let now = Instant::now().into_std();
@@ -404,6 +408,12 @@ async fn run_connection(
             () = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } } => {}
             reason = conn.closed() => break format!("connection closed: {reason}"),
             () = shared.shutdown.wait() => break "shutting down".into(),
+            _ = admission.tick() => {
+                if let Err(why) = shared.admit(&key) {
+                    conn.close(VarInt::from_u32(CLOSE_REVOKED), why.as_bytes());
+                    break format!("peer no longer admitted: {why}");
+                }
+            }
         }
     };
     tracing::info!(peer = %key.short(), %reason, "disconnected");

@@ -355,3 +355,56 @@ async fn reconnect_costs_bytes_proportional_to_what_changed() {
     e.shutdown().await;
     hub.shutdown().await;
 }
+
+/// A directory whose entries a test can remove while sessions run.
+struct MutableDirectory(std::sync::Mutex<StaticDirectory>);
+
+impl sync_core::authz::Directory for MutableDirectory {
+    fn lookup(&self, key: &schemas::identity::EndpointKey) -> Option<PeerInfo> {
+        self.0.lock().unwrap().nodes.get(key).cloned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_revoked_mid_session_is_disconnected() {
+    let infos = [hub_info(1), edge_info(2, "s1")];
+    let hub_dir = Arc::new(MutableDirectory(std::sync::Mutex::new(
+        (*directory(&infos)).clone(),
+    )));
+    let k = key(1);
+    let hub = SyncNode::spawn(
+        &k,
+        Arc::new(DocStore::in_memory(k.clone())),
+        Arc::new(Authz::new(infos[0].clone(), Some(hub_scope()))),
+        hub_dir.clone(),
+        DriverConfig::default(),
+    )
+    .await
+    .unwrap();
+    let e = start(2, infos[1].clone(), directory(&infos), None).await;
+    e.dial(hub.endpoint_id(), addr(&hub)).unwrap();
+    let edge_key = key(2).public();
+    wait_for("connected", || {
+        hub.status().get(&edge_key).is_some_and(|s| s.connected)
+    })
+    .await;
+    let mut events = hub.subscribe();
+    hub_dir.0.lock().unwrap().nodes.remove(&edge_key);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(5);
+    let reason = loop {
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("not disconnected within 5 s")
+            .unwrap();
+        if let NodeEvent::Disconnected { peer, reason } = ev
+            && peer == edge_key
+        {
+            break reason;
+        }
+    };
+    assert!(reason.contains("no longer admitted"), "{reason}");
+    eprintln!("revoked peer disconnected after {:?}", started.elapsed());
+    e.shutdown().await;
+    hub.shutdown().await;
+}
