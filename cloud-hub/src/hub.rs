@@ -626,6 +626,15 @@ impl Hub {
                 stop.subscribe(),
             )),
         ];
+        if cfg.upstream.is_some() && cfg.tier == schemas::policy::HubTier::Regional {
+            // Fleet aggregates are what the global hub receives.
+            tasks.push(tokio::spawn(crate::aggregate::run(
+                store.clone(),
+                clock.clone(),
+                Duration::from_secs(10),
+                stop.subscribe(),
+            )));
+        }
         let mut http_addr = None;
         if opts.http {
             let (addr, task) = start_http(&core, &cfg, stop.subscribe()).await?;

@@ -1,4 +1,5 @@
 //! placeholder
+pub mod aggregate;
 pub mod analytics;
 pub mod api;
 pub mod audit;
