@@ -10,14 +10,17 @@ let token = null;
 let events = null;
 let renderSeq = 0;
 
-// A token in the URL (#/...?token=... or ?token=...) is stored, then removed
-// from the address bar.
+// A token in the URL (?token=..., or #token=... as `testbed up` prints it,
+// which never reaches a server log) is stored, then removed from the
+// address bar.
 (function takeTokenFromUrl() {
   const params = new URLSearchParams(location.search);
-  const t = params.get("token");
+  const fromQuery = params.get("token");
+  const m = location.hash.match(/^#token=([^&]+)$/);
+  const t = fromQuery || (m && decodeURIComponent(m[1]));
   if (t) {
     localStorage.setItem(TOKEN_KEY, t);
-    history.replaceState(null, "", location.pathname + location.hash);
+    history.replaceState(null, "", location.pathname + (m ? "#/" : location.hash));
   }
 })();
 
