@@ -313,6 +313,36 @@ impl Default for SummariserSection {
     }
 }
 
+fn default_tick_journal_capacity() -> usize {
+    4096
+}
+
+/// `[control]`: settings shared by the control loops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// Append every tick of every loop (loop name, monotonic ms since the
+    /// process started, wall ms) to `{data_dir}/loop-ticks.log`, through a
+    /// bounded queue to a writer thread: a tick never waits on the file;
+    /// ticks that find the queue full are dropped and counted in the file.
+    /// Off by default (it grows with every tick); the chaos runner turns it
+    /// on to check loop liveness.
+    #[serde(default)]
+    pub tick_journal: bool,
+    /// Ticks the journal queue holds before it drops.
+    #[serde(default = "default_tick_journal_capacity")]
+    pub tick_journal_capacity: usize,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        ControlSection {
+            tick_journal: false,
+            tick_journal_capacity: default_tick_journal_capacity(),
+        }
+    }
+}
+
 /// `edge-node` configuration file.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -331,6 +361,9 @@ pub struct EdgeConfig {
     pub loops: Vec<LoopConfig>,
     #[serde(default)]
     pub alarms: Vec<AlarmRule>,
+    /// Settings shared by the control loops.
+    #[serde(default)]
+    pub control: ControlSection,
     #[serde(default)]
     pub raw: RawSection,
     #[serde(default)]
@@ -380,6 +413,7 @@ impl EdgeConfig {
             devices,
             loops,
             alarms,
+            control,
             raw,
             summariser,
             ingest,
@@ -528,6 +562,15 @@ impl EdgeConfig {
                 format!(
                     "{} must divide a day (e.g. 10, 60, 300, 3600)",
                     summariser.window_s
+                ),
+            ));
+        }
+        if control.tick_journal_capacity == 0 || control.tick_journal_capacity > 1_000_000 {
+            return Err((
+                "control.tick_journal_capacity".into(),
+                format!(
+                    "{} must be between 1 and 1000000",
+                    control.tick_journal_capacity
                 ),
             ));
         }
@@ -764,6 +807,12 @@ default_setpoint = 4.0
 
         let e = err_of(&format!("{GOOD}\n[summariser]\nwindow_s = 7\n"));
         assert!(e.contains("summariser.window_s"), "{e}");
+
+        let e = err_of(&format!("{GOOD}\n[control]\ntick_journal_capacity = 0\n"));
+        assert!(e.contains("control.tick_journal_capacity"), "{e}");
+        let c = p(&format!("{GOOD}\n[control]\ntick_journal = true\n")).unwrap();
+        assert!(c.control.tick_journal);
+        assert!(!p(GOOD).unwrap().control.tick_journal);
 
         let e = err_of("[node]\ntennant = \"x\"\n");
         assert!(e.contains("tennant"), "{e}");
