@@ -15,6 +15,15 @@ pub trait Clock: Send + Sync {
     fn monotonic(&self) -> Instant;
 }
 
+impl<T: Clock + ?Sized> Clock for std::sync::Arc<T> {
+    fn now(&self) -> Timestamp {
+        (**self).now()
+    }
+    fn monotonic(&self) -> Instant {
+        (**self).monotonic()
+    }
+}
+
 /// The real clock.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
@@ -130,6 +139,143 @@ impl Clock for TokioClock {
     }
 }
 
+/// Environment variable naming a clock offset file. **Test only**: the
+/// chaos runner sets it to skew a node's wall clock (clock-skew scenarios).
+pub const CLOCK_OFFSET_ENV: &str = "FIELDSYNC_CLOCK_OFFSET_FILE";
+
+/// How often [`OffsetFileClock::spawn_refresher`] re-reads the file.
+pub const OFFSET_REREAD: Duration = Duration::from_millis(200);
+
+/// **Test only.** A wall clock shifted by an offset read from a file:
+/// `now() = inner.now() + offset_ms`, where the file holds one integer
+/// (milliseconds, may be negative). Monotonic time is `inner`'s, untouched:
+/// control-loop periods and timeouts never see the skew.
+///
+/// A missing file means offset 0; an unparsable one keeps the last good
+/// offset and logs one warning (until the file parses again).
+#[derive(Debug)]
+pub struct OffsetFileClock<C> {
+    inner: C,
+    path: std::path::PathBuf,
+    offset_ms: std::sync::atomic::AtomicI64,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl<C: Clock> OffsetFileClock<C> {
+    /// A clock over `inner` with the offset in `path`, read once now.
+    pub fn new(inner: C, path: impl Into<std::path::PathBuf>) -> Self {
+        let c = OffsetFileClock {
+            inner,
+            path: path.into(),
+            offset_ms: std::sync::atomic::AtomicI64::new(0),
+            warned: std::sync::atomic::AtomicBool::new(false),
+        };
+        c.refresh();
+        c
+    }
+
+    /// The offset file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The offset in force, milliseconds.
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Re-read the file; returns the offset in force afterwards.
+    pub fn refresh(&self) -> i64 {
+        use std::sync::atomic::Ordering;
+        let next = match std::fs::read_to_string(&self.path) {
+            Ok(text) => match text.trim().parse::<i64>() {
+                Ok(v) => {
+                    self.warned.store(false, Ordering::Relaxed);
+                    Some(v)
+                }
+                Err(e) => {
+                    if !self.warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            path = %self.path.display(),
+                            content = %text.trim(),
+                            error = %e,
+                            kept_ms = self.offset_ms(),
+                            "clock offset file is not an integer of milliseconds; keeping the last offset"
+                        );
+                    }
+                    None
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
+            Err(e) => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(path = %self.path.display(), error = %e,
+                        "clock offset file unreadable; keeping the last offset");
+                }
+                None
+            }
+        };
+        if let Some(v) = next {
+            let old = self.offset_ms.swap(v, Ordering::Relaxed);
+            if old != v {
+                tracing::warn!(
+                    offset_ms = v,
+                    previous_ms = old,
+                    "TEST-ONLY clock offset changed"
+                );
+            }
+        }
+        self.offset_ms()
+    }
+}
+
+impl<C: Clock + 'static> OffsetFileClock<C> {
+    /// Re-read the file every [`OFFSET_REREAD`] until the clock is dropped
+    /// by everyone else.
+    pub fn spawn_refresher(self: &std::sync::Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(OFFSET_REREAD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(c) = weak.upgrade() else { break };
+                c.refresh();
+            }
+        })
+    }
+}
+
+impl<C: Clock> Clock for OffsetFileClock<C> {
+    fn now(&self) -> Timestamp {
+        self.inner.now().saturating_add_ms(self.offset_ms())
+    }
+    fn monotonic(&self) -> Instant {
+        self.inner.monotonic()
+    }
+}
+
+/// The node's clock: [`SystemClock`], or, when [`CLOCK_OFFSET_ENV`] is set,
+/// an [`OffsetFileClock`] over it with its refresher running (logged
+/// loudly: a skewed clock is for chaos tests only). Call inside a tokio
+/// runtime.
+pub fn from_env() -> std::sync::Arc<dyn Clock> {
+    match std::env::var_os(CLOCK_OFFSET_ENV) {
+        Some(path) if !path.is_empty() => {
+            let c = std::sync::Arc::new(OffsetFileClock::new(SystemClock, path));
+            tracing::warn!(
+                env = CLOCK_OFFSET_ENV,
+                path = %c.path().display(),
+                offset_ms = c.offset_ms(),
+                "TEST-ONLY clock offset active: wall clock = system clock + offset from file (monotonic time unaffected)"
+            );
+            drop(c.spawn_refresher());
+            c
+        }
+        _ => std::sync::Arc::new(SystemClock),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +296,56 @@ mod tests {
     #[test]
     fn system_clock_is_plausible() {
         assert!(SystemClock.now().is_plausible());
+    }
+    #[test]
+    fn offset_file_moves_wall_time_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offset");
+        let inner = std::sync::Arc::new(ManualClock::new(Timestamp(1_700_000_000_000)));
+        let c = OffsetFileClock::new(inner.clone(), &path);
+        let m0 = c.monotonic();
+        // Missing file: no offset.
+        assert_eq!(c.now(), Timestamp(1_700_000_000_000));
+        std::fs::write(&path, "7200000\n").unwrap();
+        assert_eq!(c.refresh(), 7_200_000);
+        assert_eq!(c.now(), Timestamp(1_700_007_200_000));
+        assert_eq!(
+            c.monotonic(),
+            m0,
+            "monotonic time must not move with the offset"
+        );
+        // "Set to 1970": offset = 0 - real now.
+        std::fs::write(&path, "-1700000000000").unwrap();
+        c.refresh();
+        assert_eq!(c.now(), Timestamp(0));
+        assert!(!c.now().is_plausible());
+        inner.advance(Duration::from_millis(500));
+        assert_eq!(c.now(), Timestamp(500));
+        assert_eq!(c.monotonic() - m0, Duration::from_millis(500));
+        // Unparsable: keep the last value.
+        std::fs::write(&path, "two hours").unwrap();
+        assert_eq!(c.refresh(), -1_700_000_000_000);
+        assert_eq!(c.now(), Timestamp(500));
+        // Removed: back to 0.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(c.refresh(), 0);
+        assert_eq!(c.now(), Timestamp(1_700_000_000_500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_picks_up_a_new_offset_within_its_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offset");
+        let c = std::sync::Arc::new(OffsetFileClock::new(
+            ManualClock::new(Timestamp(10_000)),
+            &path,
+        ));
+        let task = c.spawn_refresher();
+        std::fs::write(&path, "-10000").unwrap();
+        tokio::time::sleep(OFFSET_REREAD * 2).await;
+        assert_eq!(c.now(), Timestamp(0));
+        drop(c);
+        tokio::time::sleep(OFFSET_REREAD * 2).await;
+        assert!(task.is_finished(), "refresher outlived its clock");
     }
 }

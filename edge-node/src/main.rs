@@ -4,11 +4,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use edge_node::clock::SystemClock;
 use edge_node::node::{EdgeNode, NodeOptions};
 use schemas::config::EdgeConfig;
 
@@ -121,7 +119,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: EdgeConfig) -> anyhow::Result<()> {
-    let node = EdgeNode::start(cfg, NodeOptions::new(Arc::new(SystemClock)))
+    let node = EdgeNode::start(cfg, NodeOptions::new(edge_node::clock::from_env()))
         .await
         .context("starting the edge node")?;
     println!("{}", node.ready_line());
