@@ -539,8 +539,7 @@ fn serve(cfg: HubConfig, http: bool) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let mut opts = cloud_hub::hub::ServeOptions::new(cfg);
         opts.http = http;
-        let clock: std::sync::Arc<dyn cloud_hub::api::Clock> =
-            std::sync::Arc::new(cloud_hub::api::SystemClock::default());
+        let clock: std::sync::Arc<dyn cloud_hub::api::Clock> = cloud_hub::offset_clock::from_env();
         let hub = cloud_hub::hub::Hub::start(opts, clock)
             .await
             .context("start the hub")?;

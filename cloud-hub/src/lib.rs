@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod fleet_store;
 pub mod hub;
 pub mod keys;
+pub mod offset_clock;
 pub mod registry;
 pub mod rollout;
 pub mod tokens;
