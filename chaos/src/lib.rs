@@ -36,6 +36,7 @@ pub mod check;
 pub mod fleet;
 pub mod link;
 pub mod mesh;
+pub mod netns;
 pub mod report;
 pub mod scenario;
 pub mod sim;

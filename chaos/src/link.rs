@@ -176,8 +176,12 @@ impl LinkFaults {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LinkError {
-    /// The relay binds only to loopback; another address was given.
-    #[error("{which}: {addr} is not a 127.0.0.1 address; the relay binds only to loopback")]
+    /// The relay binds only to loopback (or to the veth addresses of this
+    /// process's own fleet namespaces, see [`crate::netns`]); another
+    /// address was given.
+    #[error(
+        "{which}: {addr} is not a 127.0.0.1 address (nor one of this run's namespaces); the relay binds only to loopback"
+    )]
     NotLoopback {
         /// Which address was refused (`a_side`, `b_side`, `b_peer`, `a_peer`).
         which: &'static str,
@@ -609,6 +613,8 @@ pub struct Relay {
 fn check_loopback(which: &'static str, addr: SocketAddr) -> Result<(), LinkError> {
     match addr {
         SocketAddr::V4(v4) if *v4.ip() == std::net::Ipv4Addr::LOCALHOST => Ok(()),
+        // The veth addresses of this process's own fleet namespaces.
+        _ if crate::netns::is_own_address(addr.ip()) => Ok(()),
         _ => Err(LinkError::NotLoopback { which, addr }),
     }
 }

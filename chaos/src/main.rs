@@ -29,6 +29,15 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IsolationArg {
+    /// One network namespace per node (needs root): only relays connect them.
+    Netns,
+    /// All nodes on loopback: iroh may route around the relays, so the
+    /// isolation verdict cannot pass.
+    Loopback,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Dir {
     Both,
@@ -145,6 +154,31 @@ enum Cmd {
         /// failed operations).
         #[arg(long)]
         allow_unsupported: bool,
+        /// How nodes are kept apart: `netns` (one network namespace per
+        /// node; needs root) or `loopback` (no privileges, but iroh may
+        /// route around the relays, and the isolation verdict never passes).
+        #[arg(long, value_enum, default_value = "netns")]
+        isolation: IsolationArg,
+    },
+    /// Probe reachability from the current network namespace (used by
+    /// `chaos run` through `ip netns exec`); prints a JSON list.
+    #[command(hide = true)]
+    NetnsProbe {
+        /// Send one UDP datagram here.
+        #[arg(long)]
+        udp: Vec<std::net::SocketAddr>,
+        /// Open a TCP connection here.
+        #[arg(long)]
+        tcp: Vec<std::net::SocketAddr>,
+        /// Send one UDP datagram here and wait for an answer.
+        #[arg(long)]
+        udp_roundtrip: Vec<std::net::SocketAddr>,
+        /// Instead: echo UDP datagrams on this address (prints `ready ADDR`).
+        #[arg(long)]
+        serve_udp: Option<std::net::SocketAddr>,
+        /// Bound of each probe, or how long to serve, ms.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
     },
     /// Run the checkers over a recorded run and write report.json,
     /// summary.txt and timeline.svg.
@@ -178,8 +212,16 @@ fn main() -> ExitCode {
             ready_timeout,
             time_scale,
             allow_unsupported,
+            isolation,
         } => {
             let mut opts = chaos::fleet::run::RunOptions::new(out.join("fleet"));
+            opts.isolation = match isolation {
+                IsolationArg::Netns => chaos::fleet::Isolation::Netns,
+                IsolationArg::Loopback => chaos::fleet::Isolation::Loopback,
+            };
+            if let Ok(me) = std::env::current_exe() {
+                opts.probe_bin = me;
+            }
             if let Some(b) = hub_bin {
                 opts.hub_bin = b;
             }
@@ -189,11 +231,37 @@ fn main() -> ExitCode {
             opts.ready_timeout = Duration::from_secs(ready_timeout.max(1));
             opts.device_time_scale = time_scale;
             opts.allow_unsupported = allow_unsupported;
-            match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt.block_on(run_fleet(scenario, out, opts)),
-                Err(e) => Err(anyhow::Error::from(e).context("start the tokio runtime")),
+            let can = match isolation {
+                IsolationArg::Netns => chaos::netns::available().map_err(|e| {
+                    anyhow::anyhow!(
+                        "--isolation netns needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) to create one network namespace per node: {e}. \
+                         `--isolation loopback` runs without it, but iroh may then route around the fault relays, so partition verdicts cannot pass"
+                    )
+                }),
+                IsolationArg::Loopback => Ok(()),
+            };
+            match (can, tokio::runtime::Runtime::new()) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Ok(rt)) => rt.block_on(run_fleet(scenario, out, opts)),
+                (Ok(()), Err(e)) => Err(anyhow::Error::from(e).context("start the tokio runtime")),
             }
         }
+        Cmd::NetnsProbe {
+            udp,
+            tcp,
+            udp_roundtrip,
+            serve_udp,
+            timeout_ms,
+        } => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(netns_probe(
+                udp,
+                tcp,
+                udp_roundtrip,
+                serve_udp,
+                Duration::from_millis(timeout_ms),
+            )),
+            Err(e) => Err(anyhow::Error::from(e).context("start the tokio runtime")),
+        },
         Cmd::Sim {
             seeds,
             from,
@@ -229,6 +297,37 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+async fn netns_probe(
+    udp: Vec<std::net::SocketAddr>,
+    tcp: Vec<std::net::SocketAddr>,
+    roundtrip: Vec<std::net::SocketAddr>,
+    serve: Option<std::net::SocketAddr>,
+    within: Duration,
+) -> anyhow::Result<u8> {
+    if let Some(addr) = serve {
+        let n = chaos::netns::serve_udp_echo(addr, within)
+            .await
+            .with_context(|| format!("echo UDP on {addr}"))?;
+        eprintln!("echoed {n} datagrams");
+        return Ok(0);
+    }
+    let mut out = Vec::new();
+    for a in udp {
+        out.push(chaos::netns::probe_udp(a).await);
+    }
+    for a in tcp {
+        out.push(chaos::netns::probe_tcp(a, within).await);
+    }
+    for a in roundtrip {
+        out.push(chaos::netns::probe_udp_roundtrip(a, within).await);
+    }
+    println!(
+        "{}",
+        serde_json::to_string(&out).context("encode the probes")?
+    );
+    Ok(0)
 }
 
 fn check_scenarios(path: Option<PathBuf>) -> anyhow::Result<u8> {

@@ -7,10 +7,13 @@
 //! to reach `a`. Both real node addresses are given up front, so either
 //! side may speak first, and each node only ever sees relay addresses for
 //! its peers (see the [`crate::link`] module docs for the iroh settings
-//! that keep it that way).
+//! that keep it that way). With one network namespace per node
+//! ([`crate::netns`], [`RelayMesh::spawn_on`]) each relay side binds on the
+//! gateway of the node that talks to it, so a node can reach its relays
+//! and nothing else.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::link::{Direction, DirectionCounters, LinkError, Relay, RelayConfig};
 use crate::scenario::{Link, LinkChange};
@@ -48,13 +51,36 @@ pub struct RelayMesh {
 }
 
 impl RelayMesh {
-    /// Start one relay per link between the nodes' real addresses. The
-    /// relay of link `i` uses seed `seed + i`.
+    /// Start one relay per link between the nodes' real addresses, every
+    /// side on 127.0.0.1. The relay of link `i` uses seed `seed + i`.
     pub async fn spawn(
         links: &[Link],
         addrs: &BTreeMap<String, SocketAddr>,
         seed: u64,
     ) -> Result<RelayMesh, MeshError> {
+        RelayMesh::spawn_on(links, addrs, &BTreeMap::new(), seed).await
+    }
+
+    /// Like [`RelayMesh::spawn`], but the side of a relay that node `n`
+    /// talks to binds on `gateways[n]` (its namespace's root-side address,
+    /// the only address it can reach); nodes without a gateway get
+    /// 127.0.0.1. So for link `a <-> b` the A side is on `gw(a)` and the B
+    /// side on `gw(b)`.
+    pub async fn spawn_on(
+        links: &[Link],
+        addrs: &BTreeMap<String, SocketAddr>,
+        gateways: &BTreeMap<String, IpAddr>,
+        seed: u64,
+    ) -> Result<RelayMesh, MeshError> {
+        let side = |node: &String| {
+            SocketAddr::new(
+                gateways
+                    .get(node)
+                    .copied()
+                    .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+                0,
+            )
+        };
         let mut relays = BTreeMap::new();
         for (i, link) in links.iter().enumerate() {
             let addr = |node: &String| {
@@ -67,10 +93,9 @@ impl RelayMesh {
                     })
             };
             let (a, b) = (addr(&link.a)?, addr(&link.b)?);
-            let any = SocketAddr::from(([127, 0, 0, 1], 0));
             let cfg = RelayConfig {
-                a_side: any,
-                b_side: any,
+                a_side: side(&link.a),
+                b_side: side(&link.b),
                 b_peer: b,
                 a_peer: Some(a),
                 seed: seed.wrapping_add(i as u64),

@@ -402,6 +402,72 @@ impl CommandLedger {
     }
 }
 
+/// One "started" line of a ledger file: one actual execution of a command
+/// (the device write follows it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartedEntry {
+    /// The command id.
+    pub id: String,
+    /// When it started (the node's wall clock).
+    pub at: Timestamp,
+    /// 1-based line number in the file.
+    pub line: usize,
+}
+
+/// Every "started" line of the ledger file at `path`, in file order, read
+/// without opening the ledger for writing (for an observer of a stopped
+/// node). Unlike [`CommandLedger::open`], a second start of the same id is
+/// kept, not folded: counting executions is the point. A missing file is
+/// an empty ledger; a torn last line is skipped, as `open` would cut it; a
+/// bad line followed by good ones is [`LedgerError::Corrupt`].
+pub fn read_started(path: &Path) -> Result<Vec<StartedEntry>, LedgerError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(LedgerError::Io {
+                op: "read",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut out = Vec::new();
+    let mut bad: Option<(usize, String)> = None;
+    for (i, chunk) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
+        let parsed = match chunk.strip_suffix(b"\n") {
+            None => Err("torn line (no newline)".to_string()),
+            Some(l) => std::str::from_utf8(l)
+                .map_err(|e| e.to_string())
+                .and_then(decode_line),
+        };
+        match parsed {
+            Ok(entry) => {
+                if let Some((line, reason)) = bad.take() {
+                    return Err(LedgerError::Corrupt {
+                        path: path.to_path_buf(),
+                        line,
+                        reason,
+                    });
+                }
+                if let Entry::Started { id, at, .. } = entry {
+                    out.push(StartedEntry {
+                        id,
+                        at,
+                        line: i + 1,
+                    });
+                }
+            }
+            Err(reason) => {
+                if bad.is_none() {
+                    bad = Some((i + 1, reason));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn apply(records: &mut HashMap<String, Record>, e: Entry) {
     match e {
         Entry::Started { id, expires_at, at } => {
@@ -625,6 +691,49 @@ mod tests {
         ] {
             assert!(authorise(bad, &site).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn read_started_lists_every_start_and_skips_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("commands.ledger");
+        assert!(read_started(&path).unwrap().is_empty());
+        let (mut l, _) = CommandLedger::open(&path, Timestamp(1), "e").unwrap();
+        l.record_started("c-1", Timestamp(100), Timestamp(10))
+            .unwrap();
+        l.record_started("c-2", Timestamp(100), Timestamp(20))
+            .unwrap();
+        drop(l);
+        // A second start of c-1 (what at-most-once forbids) stays visible,
+        // and a torn line at the end is skipped.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&encode_line(&Entry::Started {
+            id: "c-1".into(),
+            expires_at: Timestamp(100),
+            at: Timestamp(30),
+        }))
+        .unwrap();
+        f.write_all(b"0000 {\"entry\"").unwrap();
+        let got: Vec<(String, i64)> = read_started(&path)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.at.as_millis()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("c-1".into(), 10), ("c-2".into(), 20), ("c-1".into(), 30)]
+        );
+        f.write_all(b"\n").unwrap();
+        f.write_all(&encode_line(&Entry::Started {
+            id: "c-3".into(),
+            expires_at: Timestamp(100),
+            at: Timestamp(40),
+        }))
+        .unwrap();
+        assert!(matches!(
+            read_started(&path),
+            Err(LedgerError::Corrupt { line: 4, .. })
+        ));
     }
 
     #[test]

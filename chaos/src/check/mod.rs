@@ -11,7 +11,7 @@
 //! | `liveness` | no gap between control-loop ticks beyond `period * tolerance`, except while the node was down |
 //! | `compliance` | no tenant document on a hub outside its region; no raw data off its site; a global hub holds only fleet aggregates; no site data on another site's edge |
 //! | `no-panic` | no panic line in any node's log |
-//! | `isolation` | a partitioned relay direction forwarded zero datagrams (fleet runs) |
+//! | `isolation` | a partitioned relay direction forwarded zero datagrams, and the relay was the only path (one network namespace per node, probes; fleet runs) |
 //!
 //! A checker with nothing to look at, or whose input is inconsistent (only
 //! [`Evidence::Malformed`]), says [`Status::Unknown`] rather than passing: a
@@ -236,6 +236,9 @@ pub struct RunRecord {
     /// Relay counters per fault window (fleet runs): the measured traffic
     /// of each direction while it had faults.
     pub relay_windows: Vec<RelayWindow>,
+    /// How the fleet's nodes were isolated from each other, with the
+    /// direct-path probes that show it (fleet runs).
+    pub isolation: Option<isolation::IsolationSetup>,
 }
 
 /// What one relay direction carried while a fault was set on it, from
@@ -278,6 +281,7 @@ impl RunRecord {
             checkers: s.checks.checkers.clone(),
             history: History::default(),
             relay_windows: Vec::new(),
+            isolation: None,
             observations: Observations {
                 nodes: s
                     .fleet
@@ -528,7 +532,10 @@ pub fn run_checks(record: &RunRecord) -> Vec<Verdict> {
     // Only fleet runs measure relays; a record without windows has nothing
     // to say here (not even unknown).
     if !record.relay_windows.is_empty() {
-        out.push(isolation::check(&record.relay_windows));
+        out.push(isolation::check(
+            &record.relay_windows,
+            record.isolation.as_ref(),
+        ));
     }
     out
 }

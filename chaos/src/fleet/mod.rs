@@ -10,11 +10,17 @@
 //! - [`http`]: a tiny HTTP/1.1 client for the hub and edge APIs (loopback).
 //! - [`run`]: the runner: start, timeline, quiescence, observations.
 //!
-//! Architecture invariant: a node never learns another node's real sync
-//! address. Sync ports are fixed per node for the whole run (a restarted
-//! node binds the same port), so each relay's targets stay valid, and
-//! iroh's `Minimal` preset (no discovery, no relays) has nothing else to
-//! route through.
+//! Architecture invariant: no node can reach another node except through
+//! that pair's relay. With [`Isolation::Netns`] (the default of `chaos
+//! run`) every node runs in its own network namespace ([`crate::netns`])
+//! and can reach only its gateway, where its relays and devices listen:
+//! iroh learns real peer addresses inside QUIC and would otherwise route
+//! around the relay (`chaos/notes/bypass-finding.md`). The runner probes
+//! every direct path at start and records the result for the isolation
+//! checker. Sync addresses are fixed per node for the whole run (a
+//! restarted node binds the same one), so each relay's targets stay valid.
+//! With [`Isolation::Loopback`] configs still name only relay addresses,
+//! but that is not enough, and the isolation verdict cannot pass.
 
 pub mod http;
 pub mod plan;
@@ -22,6 +28,28 @@ pub mod process;
 pub mod run;
 
 use std::path::PathBuf;
+
+/// How the nodes of a fleet run are kept apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// One network namespace per node (needs root, or CAP_NET_ADMIN and
+    /// CAP_SYS_ADMIN): only the relays connect them.
+    Netns,
+    /// Every node on the host's loopback: configs name only relays, but
+    /// iroh may learn and use a direct path, so partitions are not proven.
+    #[default]
+    Loopback,
+}
+
+impl Isolation {
+    /// `netns` or `loopback` (as recorded in the run).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Netns => "netns",
+            Isolation::Loopback => "loopback",
+        }
+    }
+}
 
 /// Errors of the fleet runner. Every variant says which node or file.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +94,9 @@ pub enum FleetError {
     /// The relay mesh failed.
     #[error(transparent)]
     Mesh(#[from] crate::mesh::MeshError),
+    /// Network namespaces could not be set up, removed or probed.
+    #[error("network namespaces: {0}")]
+    Netns(#[from] crate::netns::NetnsError),
     /// The scenario uses an action the runner cannot carry out yet.
     #[error("unsupported: {0}")]
     Unsupported(String),

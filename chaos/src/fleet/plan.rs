@@ -5,9 +5,15 @@
 //! allocator, so tests inject one) and reused on restart: a relay forwards
 //! to a fixed address. The configs only ever name relay addresses for
 //! other nodes; [`check_routing`] proves it for a finished set of configs.
+//!
+//! Two ways to place nodes: all on 127.0.0.1 ([`loopback_addrs`]: iroh
+//! can route around the relays), or one network namespace per node
+//! ([`netns_addrs`]): the node binds its inside address, its relays and
+//! devices listen on its gateway (the root side of its veth), the only
+//! address it can reach.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use schemas::config::{EdgeConfig, HubConfig, HubLink, PeerConfig, TenantConfig};
@@ -44,6 +50,13 @@ pub struct NodePlan {
     pub dir: PathBuf,
     /// Its real QUIC address: fixed for the run, known only to relays.
     pub sync: SocketAddr,
+    /// Where its relays and devices listen: the root side of its veth
+    /// (127.0.0.1 on loopback).
+    pub gateway: IpAddr,
+    /// Its HTTP bind (its own address, any port: the `ready` line says).
+    pub http: SocketAddr,
+    /// Its network namespace, if it has one.
+    pub netns: Option<String>,
     /// Devices (edges only).
     pub devices: Vec<PlannedDevice>,
 }
@@ -73,6 +86,50 @@ impl NodePlan {
     /// Whether the node is a hub.
     pub fn is_hub(&self) -> bool {
         matches!(self.role, NodeRole::Hub { .. })
+    }
+}
+
+/// Where one node lives on the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// Its real sync address.
+    pub sync: SocketAddr,
+    /// Its gateway (relays and devices bind here).
+    pub gateway: IpAddr,
+    /// Its network namespace, if any.
+    pub netns: Option<String>,
+}
+
+/// The sync port of every node in its own namespace (the namespace is
+/// empty, so any port is free).
+pub const NETNS_SYNC_PORT: u16 = 4700;
+
+/// Node placement on 127.0.0.1: a free UDP port each, no namespace.
+pub fn loopback_addrs(_index: usize) -> Result<NodeAddrs, FleetError> {
+    Ok(NodeAddrs {
+        sync: SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
+        gateway: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        netns: None,
+    })
+}
+
+/// Node placement in namespaces: node `i` binds `ip(i):NETNS_SYNC_PORT`
+/// inside namespace `i`, its gateway is the root side of its veth.
+pub fn netns_addrs(
+    set: &crate::netns::NetnsSet,
+) -> impl FnMut(usize) -> Result<NodeAddrs, FleetError> + '_ {
+    move |i| {
+        let n = set.node(i).ok_or_else(|| {
+            FleetError::Plan(format!(
+                "node {i} has no namespace ({} created)",
+                set.nodes().len()
+            ))
+        })?;
+        Ok(NodeAddrs {
+            sync: SocketAddr::from((n.ip, NETNS_SYNC_PORT)),
+            gateway: IpAddr::V4(n.gateway),
+            netns: Some(n.ns.clone()),
+        })
     }
 }
 
@@ -108,16 +165,17 @@ pub fn device_id(path: &str) -> Result<DeviceId, FleetError> {
 }
 
 impl FleetPlan {
-    /// Plan a scenario's fleet under `root`; `alloc_port` gives a free UDP
-    /// port on 127.0.0.1 for each node's sync address.
+    /// Plan a scenario's fleet under `root`; `place(i)` gives node `i`'s
+    /// sync address, gateway and namespace ([`loopback_addrs`],
+    /// [`netns_addrs`]).
     pub fn new(
         s: &Scenario,
         root: &Path,
-        alloc_port: &mut dyn FnMut() -> Result<u16, FleetError>,
+        place: &mut dyn FnMut(usize) -> Result<NodeAddrs, FleetError>,
     ) -> Result<FleetPlan, FleetError> {
         let mut nodes = Vec::new();
         let devices = s.fleet.devices();
-        for (name, role) in s.fleet.nodes() {
+        for (i, (name, role)) in s.fleet.nodes().into_iter().enumerate() {
             let prefix = format!("{name}/");
             let mine = devices
                 .iter()
@@ -131,10 +189,13 @@ impl FleetPlan {
                     })
                 })
                 .collect::<Result<Vec<_>, FleetError>>()?;
-            let port = alloc_port()?;
+            let at = place(i)?;
             nodes.push(NodePlan {
                 dir: root.join(slug(&name)),
-                sync: SocketAddr::from(([127, 0, 0, 1], port)),
+                sync: at.sync,
+                gateway: at.gateway,
+                http: SocketAddr::new(at.sync.ip(), 0),
+                netns: at.netns,
                 name,
                 role,
                 devices: mine,
@@ -166,6 +227,14 @@ impl FleetPlan {
         self.nodes
             .iter()
             .map(|n| (n.name.clone(), n.sync))
+            .collect()
+    }
+
+    /// Every node's gateway (where the relay sides it talks to bind).
+    pub fn gateways(&self) -> BTreeMap<String, IpAddr> {
+        self.nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.gateway))
             .collect()
     }
 
@@ -220,7 +289,7 @@ impl FleetPlan {
             tier: *tier,
             tenants,
             sync_listen: node.sync,
-            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: node.http,
             upstream: upstream.map(|(endpoint_id, addr)| PeerConfig { endpoint_id, addr }),
             ..HubConfig::default()
         })
@@ -257,7 +326,7 @@ impl FleetPlan {
         cfg.node.data_dir = node.data_dir();
         cfg.node.key_path = Some(node.key_path());
         cfg.listen.sync = node.sync;
-        cfg.listen.http = SocketAddr::from(([127, 0, 0, 1], 0));
+        cfg.listen.http = node.http;
         let mut hubs = Vec::new();
         for peer in self.neighbours(&node.name) {
             let Some(p) = self.node(peer) else {
@@ -316,52 +385,69 @@ impl FleetPlan {
 }
 
 /// Every address a node config gives for another node must be a relay
-/// address, never any node's real sync address; and each node must bind
-/// its planned address. Returns the first leak found.
+/// address, never any node's real sync address, and must be on the node's
+/// own gateway (where its relays listen; 127.0.0.1 on loopback), as must
+/// its devices; each node must bind its planned sync address, and its
+/// HTTP API on its own address. Returns the first leak found.
 pub fn check_routing(
     plan: &FleetPlan,
     edges: &[(String, EdgeConfig)],
     hubs: &[(String, HubConfig)],
 ) -> Result<(), FleetError> {
     let real = plan.real_addrs();
-    let leak = |who: &str, what: &str, addr: SocketAddr| -> Result<(), FleetError> {
+    let node = |name: &str| {
+        plan.node(name)
+            .ok_or_else(|| FleetError::Routing(format!("{name}: not a node of the plan")))
+    };
+    let leak = |who: &NodePlan, what: &str, addr: SocketAddr| -> Result<(), FleetError> {
         if let Some((owner, _)) = real.iter().find(|(_, a)| **a == addr) {
             return Err(FleetError::Routing(format!(
-                "{who}: {what} is {addr}, the real sync address of {owner}: it would bypass the relay"
+                "{}: {what} is {addr}, the real sync address of {owner}: it would bypass the relay",
+                who.name
             )));
         }
-        if !addr.ip().is_loopback() {
+        if addr.ip() != who.gateway {
             return Err(FleetError::Routing(format!(
-                "{who}: {what} is {addr}, not on loopback"
+                "{}: {what} is {addr}, not on its gateway {} (where its relays and devices listen)",
+                who.name, who.gateway
+            )));
+        }
+        Ok(())
+    };
+    let binds = |who: &NodePlan, sync: SocketAddr, http: SocketAddr| {
+        if sync != who.sync {
+            return Err(FleetError::Routing(format!(
+                "{}: binds {sync} but the relays expect {}",
+                who.name, who.sync
+            )));
+        }
+        if http.ip() != who.sync.ip() {
+            return Err(FleetError::Routing(format!(
+                "{}: serves HTTP on {http}, not on its own address {}",
+                who.name,
+                who.sync.ip()
             )));
         }
         Ok(())
     };
     for (name, c) in edges {
-        let mine = real.get(name).copied();
-        if mine != Some(c.listen.sync) {
-            return Err(FleetError::Routing(format!(
-                "{name}: binds {} but the relays expect {mine:?}",
-                c.listen.sync
-            )));
-        }
+        let n = node(name)?;
+        binds(n, c.listen.sync, c.listen.http)?;
         if let Some(h) = &c.hub {
-            leak(name, "[hub].addr", h.addr)?;
+            leak(n, "[hub].addr", h.addr)?;
         }
         for (i, p) in c.peers.iter().enumerate() {
-            leak(name, &format!("peers[{i}].addr"), p.addr)?;
+            leak(n, &format!("peers[{i}].addr"), p.addr)?;
+        }
+        for d in &c.devices {
+            leak(n, &format!("device {}", d.id), d.addr)?;
         }
     }
     for (name, c) in hubs {
-        let mine = real.get(name).copied();
-        if mine != Some(c.sync_listen) {
-            return Err(FleetError::Routing(format!(
-                "{name}: binds {} but the relays expect {mine:?}",
-                c.sync_listen
-            )));
-        }
+        let n = node(name)?;
+        binds(n, c.sync_listen, c.http_listen)?;
         if let Some(u) = &c.upstream {
-            leak(name, "upstream.addr", u.addr)?;
+            leak(n, "upstream.addr", u.addr)?;
         }
     }
     Ok(())
@@ -410,9 +496,25 @@ devices_per_edge = 2
 
     fn plan() -> FleetPlan {
         let mut p = 40000;
-        FleetPlan::new(&scenario(), Path::new("/tmp/run"), &mut || {
+        FleetPlan::new(&scenario(), Path::new("/tmp/run"), &mut |_| {
             p += 1;
-            Ok(p)
+            Ok(NodeAddrs {
+                sync: SocketAddr::from(([127, 0, 0, 1], p)),
+                gateway: IpAddr::from([127, 0, 0, 1]),
+                netns: None,
+            })
+        })
+        .unwrap()
+    }
+
+    /// Node i in namespace `ns-i` at 10.200.i.2, gateway 10.200.i.1.
+    fn netns_plan() -> FleetPlan {
+        FleetPlan::new(&scenario(), Path::new("/tmp/run"), &mut |i| {
+            Ok(NodeAddrs {
+                sync: SocketAddr::from(([10, 200, i as u8, 2], NETNS_SYNC_PORT)),
+                gateway: IpAddr::from([10, 200, i as u8, 1]),
+                netns: Some(format!("ns-{i}")),
+            })
         })
         .unwrap()
     }
@@ -421,16 +523,17 @@ devices_per_edge = 2
         EndpointKey([i; 32])
     }
 
-    /// A stand-in relay mesh: the relay of link i has sides 50000+2i and
-    /// 50000+2i+1.
+    /// A stand-in relay mesh: the relay of link i has sides 50000+2i (on
+    /// a's gateway) and 50000+2i+1 (on b's).
     fn dial(plan: &FleetPlan) -> impl Fn(&str, &str) -> Option<SocketAddr> + '_ {
         move |from, to| {
+            let gw = plan.node(from)?.gateway;
             plan.links.iter().enumerate().find_map(|(i, l)| {
                 let base = 50000 + 2 * i as u16;
                 if l.a == from && l.b == to {
-                    Some(SocketAddr::from(([127, 0, 0, 1], base)))
+                    Some(SocketAddr::new(gw, base))
                 } else if l.b == from && l.a == to {
-                    Some(SocketAddr::from(([127, 0, 0, 1], base + 1)))
+                    Some(SocketAddr::new(gw, base + 1))
                 } else {
                     None
                 }
@@ -452,7 +555,7 @@ devices_per_edge = 2
         for n in &plan.nodes {
             for d in &n.devices {
                 port += 1;
-                m.insert(d.path.clone(), SocketAddr::from(([127, 0, 0, 1], port)));
+                m.insert(d.path.clone(), SocketAddr::new(n.gateway, port));
             }
         }
         m
@@ -471,7 +574,13 @@ devices_per_edge = 2
         assert_eq!(p.device("s1/edge-3/dev-2").unwrap().0.name, "s1/edge-3");
         assert!(device_id("nope").is_err());
         // An allocator that repeats itself is caught.
-        let r = FleetPlan::new(&scenario(), Path::new("/x"), &mut || Ok(7));
+        let r = FleetPlan::new(&scenario(), Path::new("/x"), &mut |_| {
+            Ok(NodeAddrs {
+                sync: SocketAddr::from(([127, 0, 0, 1], 7)),
+                gateway: IpAddr::from([127, 0, 0, 1]),
+                netns: None,
+            })
+        });
         assert!(matches!(r, Err(FleetError::Plan(m)) if m.contains("twice")));
     }
 
@@ -514,6 +623,63 @@ devices_per_edge = 2
         let mut moved = edges.clone();
         moved[1].1.listen.sync = SocketAddr::from(([127, 0, 0, 1], 1));
         assert!(check_routing(&p, &moved, &[]).is_err());
+    }
+
+    type Configs = (Vec<(String, EdgeConfig)>, Vec<(String, HubConfig)>);
+
+    fn configs(p: &FleetPlan) -> Configs {
+        let keys = keys(p);
+        let d = dial(p);
+        let devs = device_addrs(p);
+        let edges = p
+            .nodes
+            .iter()
+            .filter(|n| !n.is_hub())
+            .map(|n| {
+                let c = p.edge_config(n, &keys, &d, None, &devs).unwrap();
+                (n.name.clone(), c)
+            })
+            .collect();
+        let hub = &p.nodes[0];
+        let hc = p.hub_config(hub, &scenario(), None).unwrap();
+        (edges, vec![(hub.name.clone(), hc)])
+    }
+
+    #[test]
+    fn in_namespaces_nodes_bind_inside_and_name_only_their_gateway() {
+        let p = netns_plan();
+        let e1 = p.node("s1/edge-1").unwrap();
+        assert_eq!(e1.sync, "10.200.1.2:4700".parse().unwrap());
+        assert_eq!(e1.gateway, IpAddr::from([10, 200, 1, 1]));
+        assert_eq!(e1.netns.as_deref(), Some("ns-1"));
+        let (edges, hubs) = configs(&p);
+        check_routing(&p, &edges, &hubs).unwrap();
+        let c1 = &edges[0].1;
+        assert_eq!(
+            c1.listen.http.ip(),
+            e1.sync.ip(),
+            "HTTP reachable from root"
+        );
+        assert_eq!(hubs[0].1.http_listen.ip(), p.nodes[0].sync.ip());
+        assert!(c1.devices.iter().all(|d| d.addr.ip() == e1.gateway));
+        assert_eq!(c1.hub.as_ref().unwrap().addr.ip(), e1.gateway);
+
+        // A relay address on another node's gateway is unreachable from
+        // inside: refused.
+        let mut bad = edges.clone();
+        bad[0].1.peers[0].addr = SocketAddr::from(([10, 200, 2, 1], 50001));
+        let e = check_routing(&p, &bad, &hubs).unwrap_err().to_string();
+        assert!(e.contains("not on its gateway 10.200.1.1"), "{e}");
+        // So is loopback (the root namespace's loopback is not the node's).
+        let mut lo = edges.clone();
+        lo[1].1.devices[0].addr = SocketAddr::from(([127, 0, 0, 1], 6001));
+        let e = check_routing(&p, &lo, &hubs).unwrap_err().to_string();
+        assert!(e.contains("device edge-2-dev-1"), "{e}");
+        // And an HTTP API the runner cannot reach.
+        let mut http = hubs.clone();
+        http[0].1.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let e = check_routing(&p, &edges, &http).unwrap_err().to_string();
+        assert!(e.contains("serves HTTP"), "{e}");
     }
 
     #[test]

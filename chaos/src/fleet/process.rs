@@ -1,6 +1,10 @@
 //! Node child processes: start one, copy its stdout and stderr into its log
 //! file and an in-memory line list, wait for its `ready` line with a
 //! deadline, kill it with SIGKILL, and run one-shot helper commands.
+//!
+//! A node may start inside a network namespace: `ip netns exec NS PROGRAM
+//! ARGS..`. `ip` enters the namespace and execs the program, so the child's
+//! pid is the node's own and SIGTERM / SIGKILL reach the node itself.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -107,13 +111,15 @@ async fn copy_lines(
 }
 
 impl NodeProcess {
-    /// Start `program args..`, appending its output to `log_file` and
-    /// `log`, and wait up to `ready_within` for its `ready` line. A process
-    /// that exits or stays silent is killed and reported with its log tail.
+    /// Start `program args..` (inside network namespace `netns`, if
+    /// given), appending its output to `log_file` and `log`, and wait up
+    /// to `ready_within` for its `ready` line. A process that exits or
+    /// stays silent is killed and reported with its log tail.
     pub async fn start(
         name: &str,
         program: &Path,
         args: &[String],
+        netns: Option<&str>,
         log_file: &Path,
         log: LogBuffer,
         ready_within: Duration,
@@ -129,7 +135,15 @@ impl NodeProcess {
             .await
             .map_err(io)?;
         let file = Arc::new(tokio::sync::Mutex::new(file));
-        let mut child = Command::new(program)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .env("NO_COLOR", "1")
@@ -139,7 +153,13 @@ impl NodeProcess {
             .spawn()
             .map_err(|e| FleetError::Process {
                 node: name.to_string(),
-                detail: format!("cannot start {}: {e}", program.display()),
+                detail: match netns {
+                    Some(ns) => format!(
+                        "cannot start `ip netns exec {ns} {}`: {e}",
+                        program.display()
+                    ),
+                    None => format!("cannot start {}: {e}", program.display()),
+                },
             })?;
         let (tx, mut rx) = watch::channel(None);
         let mut copiers = Vec::new();
@@ -315,6 +335,7 @@ mod tests {
             "n",
             Path::new("sh"),
             &["-c".into(), script.into()],
+            None,
             &log_file,
             log.clone(),
             Duration::from_secs(10),
@@ -345,6 +366,7 @@ mod tests {
                 "-c".into(),
                 "echo 'error: config is broken' >&2; exit 2".into(),
             ],
+            None,
             &dir.path().join("b.log"),
             LogBuffer::default(),
             Duration::from_secs(10),

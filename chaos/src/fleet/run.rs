@@ -7,6 +7,9 @@
 //! 2. identities: `cloud-hub init` per hub (prints its endpoint id), an
 //!    edge key per edge (`NodeKey::load_or_create`, the same file the
 //!    edge opens);
+//! 0. with [`Isolation::Netns`], one network namespace per node
+//!    ([`NetnsSet`]); nodes bind inside, relays and devices on each node's
+//!    gateway;
 //! 3. the relay mesh, one relay per linked pair, targets the fixed ports;
 //! 4. simulated devices per edge (testbed, in process);
 //! 5. join tokens (`cloud-hub token create`) and an admin API token
@@ -14,7 +17,9 @@
 //! 6. configs, checked by [`super::plan::check_routing`], then the hubs
 //!    (`cloud-hub --config hub.toml serve`) and the edges
 //!    (`edge-node run --config edge.toml`), each awaited by its `ready`
-//!    line.
+//!    line (inside its namespace: `ip netns exec`);
+//! 7. with namespaces, direct-path probes between every pair of nodes,
+//!    recorded for the isolation checker.
 //!
 //! Relay counters are snapshotted at every link change, so the record
 //! holds, per direction and per fault window, how many datagrams were
@@ -31,13 +36,15 @@ use schemas::identity::EndpointKey;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::FleetError;
 use super::http;
-use super::plan::{FleetPlan, NodePlan, check_routing, free_udp_port};
+use super::plan::{FleetPlan, NodePlan, check_routing, loopback_addrs, netns_addrs};
 use super::process::{LogBuffer, NodeProcess, find_binary, run_helper};
+use super::{FleetError, Isolation};
+use crate::check::isolation::{DirectProbe, IsolationSetup};
 use crate::check::{LogLine, OpType, RelayWindow, ReplicaHeads, RunRecord};
 use crate::link::Direction;
 use crate::mesh::RelayMesh;
+use crate::netns::NetnsSet;
 use crate::scenario::{Action, DeviceFault, FloodKind, LinkChange, NodeRole, Scenario};
 
 /// How to run.
@@ -58,11 +65,18 @@ pub struct RunOptions {
     /// Run even if the scenario has actions the runner cannot carry out
     /// (they are recorded as failed operations).
     pub allow_unsupported: bool,
+    /// How the nodes are kept apart ([`Isolation::Netns`]: one network
+    /// namespace per node, needs root; `chaos run` defaults to it).
+    pub isolation: Isolation,
+    /// The `chaos` binary, run inside each namespace for the direct-path
+    /// probes (`chaos netns-probe`).
+    pub probe_bin: PathBuf,
 }
 
 impl RunOptions {
     /// Defaults: binaries next to `chaos` (else on `PATH`), 30 s to get
-    /// ready, 10 s per call, devices at real time.
+    /// ready, 10 s per call, devices at real time, loopback isolation (so
+    /// a library caller opts in to what needs root).
     pub fn new(root: PathBuf) -> RunOptions {
         RunOptions {
             hub_bin: find_binary("cloud-hub"),
@@ -72,6 +86,8 @@ impl RunOptions {
             call_timeout: Duration::from_secs(10),
             device_time_scale: 1.0,
             allow_unsupported: false,
+            isolation: Isolation::Loopback,
+            probe_bin: find_binary("chaos"),
         }
     }
 }
@@ -161,6 +177,9 @@ pub struct Fleet {
     record: RunRecord,
     /// Open fault windows per (link, direction): since, counters then.
     windows: BTreeMap<(String, String), (i64, String, crate::link::DirectionCounters)>,
+    /// The nodes' network namespaces; declared last, so on drop the
+    /// processes above are killed before the namespaces are deleted.
+    netns: Option<NetnsSet>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -222,7 +241,16 @@ impl Fleet {
             }
         }
         std::fs::create_dir_all(&opts.root).map_err(io(&opts.root))?;
-        let plan = FleetPlan::new(s, &opts.root, &mut free_udp_port)?;
+        // Namespaces first: the plan places nodes in them. Any error
+        // below drops the set, which deletes them again.
+        let netns = match opts.isolation {
+            Isolation::Netns => Some(NetnsSet::create(s.fleet.nodes().len())?),
+            Isolation::Loopback => None,
+        };
+        let plan = match &netns {
+            Some(set) => FleetPlan::new(s, &opts.root, &mut netns_addrs(set))?,
+            None => FleetPlan::new(s, &opts.root, &mut loopback_addrs)?,
+        };
         for n in &plan.nodes {
             std::fs::create_dir_all(n.data_dir()).map_err(io(&n.dir))?;
         }
@@ -257,8 +285,10 @@ impl Fleet {
             };
             keys.insert(n.name.clone(), key);
         }
-        // Relays between the fixed ports.
-        let mesh = RelayMesh::spawn(&plan.links, &plan.real_addrs(), s.seed).await?;
+        // Relays between the fixed ports, each side on the gateway of the
+        // node that talks to it.
+        let mesh =
+            RelayMesh::spawn_on(&plan.links, &plan.real_addrs(), &plan.gateways(), s.seed).await?;
         let dial = |from: &str, to: &str| mesh.dial_addr(from, to);
         // Hub configs, with the upstream global hub if any.
         let mut hub_cfgs = Vec::new();
@@ -300,7 +330,9 @@ impl Fleet {
             ..Default::default()
         };
         for n in plan.nodes.iter().filter(|n| !n.is_hub()) {
-            let any = SocketAddr::from(([127, 0, 0, 1], 0));
+            // Devices listen on the edge's gateway: the edge reaches them,
+            // no other node does.
+            let any = SocketAddr::new(n.gateway, 0);
             let cfgs: Vec<_> = n
                 .devices
                 .iter()
@@ -392,13 +424,86 @@ impl Fleet {
             start: Instant::now(),
             record,
             windows: BTreeMap::new(),
+            netns,
         };
         let names: Vec<String> = fleet.plan.nodes.iter().map(|n| n.name.clone()).collect();
         for name in names {
             fleet.start_node(&name).await?;
         }
+        fleet.record.isolation = Some(fleet.probe_direct_paths().await?);
         fleet.start = Instant::now();
         Ok(fleet)
+    }
+
+    /// The nodes' network namespaces, when isolated by namespaces.
+    pub fn netns(&self) -> Option<&NetnsSet> {
+        self.netns.as_ref()
+    }
+
+    /// The record's isolation setup so far (mode and direct-path probes).
+    pub fn isolation(&self) -> Option<&IsolationSetup> {
+        self.record.isolation.as_ref()
+    }
+
+    /// With namespaces: from inside every node's namespace, send a UDP
+    /// datagram to and open a TCP connection to every other node's real
+    /// sync address (all must find no route), and open a TCP connection to
+    /// the node's own gateway, where nothing listens on that port: a
+    /// `refused` answer shows the probe itself can reach what the node
+    /// should reach. The record gets every result.
+    async fn probe_direct_paths(&self) -> Result<IsolationSetup, FleetError> {
+        let mut probes = Vec::new();
+        let within = Duration::from_secs(2);
+        for n in &self.plan.nodes {
+            let Some(ns) = &n.netns else {
+                continue;
+            };
+            let others: Vec<&NodePlan> = self
+                .plan
+                .nodes
+                .iter()
+                .filter(|o| o.name != n.name)
+                .collect();
+            let targets: Vec<SocketAddr> = others.iter().map(|o| o.sync).collect();
+            let control = SocketAddr::new(n.gateway, 9);
+            let mut tcp = targets.clone();
+            tcp.push(control);
+            let found =
+                crate::netns::probe_from(ns, &self.opts.probe_bin, &targets, &tcp, &[], within)
+                    .await?;
+            for o in found {
+                let to = if o.target == control {
+                    if o.outcome != "refused" && o.outcome != "connected" {
+                        return Err(FleetError::Process {
+                            node: n.name.clone(),
+                            detail: format!(
+                                "from namespace {ns} its own gateway {control} is not reachable ({}: {}): the namespace is broken",
+                                o.outcome, o.detail
+                            ),
+                        });
+                    }
+                    "gateway".to_string()
+                } else {
+                    others
+                        .iter()
+                        .find(|x| x.sync == o.target)
+                        .map(|x| x.name.clone())
+                        .unwrap_or_else(|| o.target.to_string())
+                };
+                probes.push(DirectProbe {
+                    from: n.name.clone(),
+                    to,
+                    proto: o.proto,
+                    target: o.target.to_string(),
+                    outcome: o.outcome,
+                    detail: o.detail,
+                });
+            }
+        }
+        Ok(IsolationSetup {
+            mode: self.opts.isolation.as_str().to_string(),
+            probes,
+        })
     }
 
     async fn start_node(&mut self, name: &str) -> Result<(), FleetError> {
@@ -412,6 +517,7 @@ impl Fleet {
             &n.name,
             &self.bin(&n),
             &self.args(&n),
+            n.netns.as_deref(),
             &n.log_path(),
             log,
             self.opts.ready_timeout,

@@ -10,6 +10,7 @@
 //! device task with a non-blocking [`Actuator`].
 
 mod jitter;
+pub mod journal;
 mod runner;
 
 use std::collections::BTreeMap;
@@ -22,7 +23,12 @@ use schemas::time::Timestamp;
 use serde::Serialize;
 
 pub use jitter::{JitterStats, JitterWindow};
-pub use runner::{Actuator, CoilActuator, LoopOptions, LoopRunner, spawn_loop};
+pub use journal::{
+    JournalError, JournalHandle, TICK_JOURNAL_FILE, TickJournal, TickSender, read_journal,
+};
+pub use runner::{
+    Actuator, CoilActuator, LoopOptions, LoopRunner, spawn_loop, spawn_loop_journaled,
+};
 
 #[cfg(doc)]
 use crate::modbus::LatestValues;

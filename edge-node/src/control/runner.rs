@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
+use super::journal::{JournalHandle, TickSender};
 use super::{
     ControlLoop, JitterStats, JitterWindow, LoopEvent, LoopParams, ParamError, SensorInput,
 };
@@ -85,6 +86,7 @@ pub struct LoopRunner {
     state: watch::Receiver<LoopState>,
     jitter: Arc<Mutex<JitterWindow>>,
     dropped_events: Arc<AtomicU64>,
+    journal: Option<TickSender>,
     shutdown: watch::Sender<bool>,
     join: JoinHandle<()>,
 }
@@ -118,6 +120,12 @@ impl LoopRunner {
         self.dropped_events.load(Ordering::Relaxed)
     }
 
+    /// Ticks not journaled because the tick journal's queue was full
+    /// (`None` without a journal).
+    pub fn journal_dropped(&self) -> Option<u64> {
+        self.journal.as_ref().map(TickSender::dropped)
+    }
+
     /// Stop the loop; returns when its task has ended. The output stays as
     /// it was last commanded.
     pub async fn stop(self) {
@@ -139,6 +147,23 @@ pub fn spawn_loop(
     events: mpsc::Sender<LoopEvent>,
     opts: LoopOptions,
 ) -> Result<LoopRunner, ParamError> {
+    spawn_loop_journaled(cfg, params, values, actuator, clock, events, opts, None)
+}
+
+/// [`spawn_loop`], also recording every tick in a tick journal (see
+/// [`super::journal`]) through a non-blocking sender.
+#[allow(clippy::too_many_arguments)] // spawn_loop's arguments plus the journal
+pub fn spawn_loop_journaled(
+    cfg: &LoopConfig,
+    params: watch::Receiver<LoopParams>,
+    values: LatestValues,
+    actuator: Arc<dyn Actuator>,
+    clock: Arc<dyn Clock>,
+    events: mpsc::Sender<LoopEvent>,
+    opts: LoopOptions,
+    journal: Option<&JournalHandle>,
+) -> Result<LoopRunner, ParamError> {
+    let journal = journal.map(|j| j.sender(cfg.name()));
     let (device, sensor, output, period_ms) = match cfg {
         LoopConfig::Thermostat {
             device,
@@ -185,6 +210,7 @@ pub fn spawn_loop(
         state: state_tx,
         jitter: jitter.clone(),
         dropped_events: dropped_events.clone(),
+        journal: journal.clone(),
         shutdown: shutdown_rx,
     };
     let join = tokio::spawn(task.run());
@@ -193,6 +219,7 @@ pub fn spawn_loop(
         state: state_rx,
         jitter,
         dropped_events,
+        journal,
         shutdown,
         join,
     })
@@ -214,6 +241,7 @@ struct LoopTask {
     state: watch::Sender<LoopState>,
     jitter: Arc<Mutex<JitterWindow>>,
     dropped_events: Arc<AtomicU64>,
+    journal: Option<TickSender>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -241,6 +269,10 @@ impl LoopTask {
                 j.record(late);
                 j.stats().map(|s| s.p99_us)
             };
+            if let Some(j) = &self.journal {
+                // try_send: a stalled journal drops (and counts) the tick.
+                j.record(self.clock.monotonic(), self.clock.now().as_millis());
+            }
 
             if self.params_rx.has_changed().unwrap_or(false) {
                 let p = self.params_rx.borrow_and_update().clone();

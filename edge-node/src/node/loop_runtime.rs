@@ -12,12 +12,15 @@ use std::thread::JoinHandle;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+use crate::control::TickJournal;
+
 /// The loops' runtime thread.
 #[derive(Debug)]
 pub struct LoopRuntime {
     handle: Handle,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    journal: Option<TickJournal>,
 }
 
 impl LoopRuntime {
@@ -39,6 +42,7 @@ impl LoopRuntime {
             handle,
             stop: Some(stop),
             thread: Some(thread),
+            journal: None,
         })
     }
 
@@ -47,13 +51,23 @@ impl LoopRuntime {
         &self.handle
     }
 
-    /// Stop the runtime (after the loops were stopped) and join its thread.
+    /// Keep the loops' tick journal; [`LoopRuntime::shutdown`] writes what
+    /// it still holds and closes it.
+    pub fn attach_journal(&mut self, journal: TickJournal) {
+        self.journal = Some(journal);
+    }
+
+    /// Stop the runtime (after the loops were stopped) and join its thread,
+    /// then close the tick journal.
     pub async fn shutdown(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
         if let Some(t) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        if let Some(j) = self.journal.take() {
+            let _ = tokio::task::spawn_blocking(move || j.close()).await;
         }
     }
 }

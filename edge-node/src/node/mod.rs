@@ -435,8 +435,21 @@ impl EdgeNode {
 
         // Control loops.
         let (loop_ev_tx, loop_ev_rx) = mpsc::channel::<LoopEvent>(1024);
-        let loop_rt = loop_runtime::LoopRuntime::start()
+        let mut loop_rt = loop_runtime::LoopRuntime::start()
             .map_err(|e| NodeError::Config(format!("start the control loop thread: {e}")))?;
+        let journal = if cfg.control.tick_journal {
+            let j = crate::control::TickJournal::open(
+                &data.join(crate::control::TICK_JOURNAL_FILE),
+                cfg.control.tick_journal_capacity,
+                clock.clone(),
+            )
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+            let h = j.handle();
+            loop_rt.attach_journal(j);
+            Some(h)
+        } else {
+            None
+        };
         let mut loops = Vec::new();
         let mut params_tx: Vec<(LoopConfig, LoopParams, watch::Sender<LoopParams>)> = Vec::new();
         for l in &cfg.loops {
@@ -457,7 +470,7 @@ impl EdgeNode {
             };
             // Spawned on the loops' own runtime thread.
             let _guard = loop_rt.handle().enter();
-            let runner = crate::control::spawn_loop(
+            let runner = crate::control::spawn_loop_journaled(
                 l,
                 rx,
                 values.clone(),
@@ -465,6 +478,7 @@ impl EdgeNode {
                 clock.clone(),
                 loop_ev_tx.clone(),
                 opts.loops.clone(),
+                journal.as_ref(),
             )
             .map_err(|e| NodeError::Config(e.to_string()))?;
             loops.push(runner);
