@@ -93,6 +93,20 @@ pub struct HubRollup {
     pub rollup: Rollup,
 }
 
+/// A rollup an edge keeps locally (`local-rollups.json`), not in a
+/// document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalRollup {
+    /// The edge holding it.
+    pub edge: String,
+    /// Its site.
+    pub site: SiteId,
+    /// The bucket's key (`device/metric@window[~unsynced][#late]`).
+    pub key: String,
+    /// The rollup.
+    pub rollup: Rollup,
+}
+
 /// A sample an edge recorded (acknowledged, or of unknown outcome).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleObs {
@@ -195,6 +209,11 @@ pub struct Observations {
     /// Samples whose write had an unknown outcome (the edge died mid-write):
     /// they may or may not be counted.
     pub indeterminate_samples: Vec<SampleObs>,
+    /// Rollups each edge keeps in its local bucket instead of a day
+    /// document: windows taken while its clock was implausible
+    /// (`clock_unsynced`) and writes to sealed days. Held on the edge: not
+    /// lost, and not in any hub.
+    pub edge_local_rollups: Vec<LocalRollup>,
     /// Every command execution by every edge.
     pub command_executions: Vec<CommandExecution>,
     /// Control-loop ticks.

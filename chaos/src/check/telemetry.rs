@@ -50,6 +50,19 @@
 //! Which hub must hold a site's telemetry: every regional hub whose regions
 //! include the site's tenant's region (from [`Observations::nodes`] and
 //! [`Observations::tenants`]).
+//!
+//! # Samples taken under an implausible clock
+//!
+//! An edge whose wall clock is before `PLAUSIBLE_EPOCH` (a box that booted
+//! in 1970) must not file rollups under a calendar day: it keeps them in
+//! its local bucket, flagged `clock_unsynced`
+//! ([`Observations::edge_local_rollups`]). Such samples (timestamp not
+//! plausible) are therefore expected **on their edge, not in any hub**,
+//! and checked there with the same arithmetic, window by window. The
+//! verdict names how many samples (and windows) are held that way: they
+//! are not lost, but no hub counts them yet. A sample in neither place is
+//! lost; a hub rollup with an implausible window is a rollup that should
+//! never have left its edge (reported as extra).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -321,7 +334,7 @@ fn judge(
 /// Check telemetry conservation on every regional hub.
 pub fn check(o: &Observations) -> Verdict {
     let name = "telemetry";
-    if o.acked_samples.is_empty() && o.hub_rollups.is_empty() {
+    if o.acked_samples.is_empty() && o.hub_rollups.is_empty() && o.edge_local_rollups.is_empty() {
         return Verdict::unknown(name, "no samples were acknowledged and no rollups observed");
     }
     let window = o.rollup_window_ms;
@@ -373,6 +386,14 @@ pub fn check(o: &Observations) -> Verdict {
         .iter()
         .filter(|s| seen.insert((s.edge.clone(), s.device.clone(), s.metric.clone(), s.seq)))
         .collect();
+    // Samples taken under an implausible clock belong to their edge's
+    // unsynced lane, not to any hub.
+    let (acked, held): (Vec<&SampleObs>, Vec<&SampleObs>) =
+        acked.into_iter().partition(|s| s.ts.is_plausible());
+    let (unknown, held_unknown): (Vec<&SampleObs>, Vec<&SampleObs>) = o
+        .indeterminate_samples
+        .iter()
+        .partition(|s| s.ts.is_plausible());
     let key_of = |s: &SampleObs| -> Key {
         (
             s.site.clone(),
@@ -388,7 +409,7 @@ pub fn check(o: &Observations) -> Verdict {
         for s in acked.iter().filter(|s| serves(&s.site)) {
             exp.entry(key_of(s)).or_default().0.push(s);
         }
-        for s in o.indeterminate_samples.iter().filter(|s| serves(&s.site)) {
+        for s in unknown.iter().filter(|s| serves(&s.site)) {
             exp.entry(key_of(s)).or_default().1.push(s);
         }
         let mut got: BTreeMap<Key, Rollup> = BTreeMap::new();
@@ -421,20 +442,144 @@ pub fn check(o: &Observations) -> Verdict {
             let (a, u) = exp
                 .get(key)
                 .map_or((&[][..], &[][..]), |(a, u)| (&a[..], &u[..]));
-            if let Some(m) = judge(hub, key, a, u, got.get(key)) {
+            if let Some(mut m) = judge(hub, key, a, u, got.get(key)) {
+                if !key.3.is_plausible() {
+                    m.explanation.push_str(
+                        "; the window is before the plausible epoch: a rollup taken under an implausible clock reached the hub",
+                    );
+                }
                 evidence.push(Evidence::Telemetry(Box::new(m)));
             }
         }
     }
+    let held = check_held(o, window, &held, &held_unknown, &mut evidence);
+    let held_text = held.describe();
     Verdict::new(
         name,
         evidence,
         format!(
-            "{} acknowledged samples counted exactly once over {windows} hub windows (as far as counts and sums can tell)",
+            "{} acknowledged samples counted exactly once over {windows} hub windows (as far as counts and sums can tell); {held_text}",
             acked.len()
         ),
-        "acknowledged samples lost or counted twice".into(),
+        format!("acknowledged samples lost or counted twice; {held_text}"),
     )
+}
+
+/// Acknowledged samples an edge holds in its unsynced lane (taken under an
+/// implausible clock): not lost, not in any hub.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeldUnsynced {
+    /// Acknowledged samples with an implausible timestamp.
+    pub samples: u64,
+    /// Of those, in windows whose local rollup accounts for them exactly.
+    pub accounted: u64,
+    /// Windows (edge, device, metric, window) of the unsynced lane.
+    pub windows: u64,
+    /// Per edge: samples held and local unsynced windows.
+    pub per_edge: BTreeMap<String, (u64, u64)>,
+}
+
+impl HeldUnsynced {
+    /// The named quantity, in words, with its evidence per edge.
+    pub fn describe(&self) -> String {
+        if self.samples == 0 && self.windows == 0 {
+            return "no samples held in an unsynced-clock lane".into();
+        }
+        let edges: Vec<String> = self
+            .per_edge
+            .iter()
+            .map(|(e, (n, w))| format!("{e}: {n} samples in {w} local windows"))
+            .collect();
+        format!(
+            "held on edges in the unsynced-clock lane (not lost, not in any hub): {} acknowledged samples, {} accounted for exactly by {} local clock_unsynced rollup windows ({})",
+            self.samples,
+            self.accounted,
+            self.windows,
+            edges.join("; ")
+        )
+    }
+}
+
+/// Check implausible-clock samples against their edge's local unsynced
+/// rollups, pushing mismatches (as for a hub, named `{edge} (unsynced
+/// lane)`) into `evidence`.
+fn check_held(
+    o: &Observations,
+    window: i64,
+    held: &[&SampleObs],
+    held_unknown: &[&SampleObs],
+    evidence: &mut Vec<Evidence>,
+) -> HeldUnsynced {
+    let mut out = HeldUnsynced::default();
+    type EdgeKey = (String, Key);
+    let key_of = |s: &SampleObs| -> EdgeKey {
+        (
+            s.edge.clone(),
+            (
+                s.site.clone(),
+                s.device.clone(),
+                s.metric.clone(),
+                s.ts.window_start(window),
+            ),
+        )
+    };
+    let mut exp: BTreeMap<EdgeKey, (Vec<&SampleObs>, Vec<&SampleObs>)> = BTreeMap::new();
+    for s in held {
+        exp.entry(key_of(s)).or_default().0.push(s);
+    }
+    for s in held_unknown {
+        exp.entry(key_of(s)).or_default().1.push(s);
+    }
+    let mut got: BTreeMap<EdgeKey, Rollup> = BTreeMap::new();
+    for r in o
+        .edge_local_rollups
+        .iter()
+        .filter(|r| r.rollup.clock_unsynced)
+    {
+        if r.rollup.window_ms != window {
+            evidence.push(Evidence::Malformed {
+                detail: format!(
+                    "{} holds a local rollup {} with window {} ms, expected {window} ms",
+                    r.edge, r.key, r.rollup.window_ms
+                ),
+            });
+            continue;
+        }
+        let key = (
+            r.edge.clone(),
+            (
+                r.site.clone(),
+                r.rollup.device.clone(),
+                r.rollup.metric.clone(),
+                r.rollup.window_start,
+            ),
+        );
+        match got.get_mut(&key) {
+            Some(acc) => acc.merge(&r.rollup),
+            None => {
+                got.insert(key, r.rollup.clone());
+            }
+        }
+    }
+    out.samples = held.len() as u64;
+    let keys: BTreeSet<&EdgeKey> = exp.keys().chain(got.keys()).collect();
+    for key in keys {
+        let (a, u) = exp
+            .get(key)
+            .map_or((&[][..], &[][..]), |(a, u)| (&a[..], &u[..]));
+        let entry = out.per_edge.entry(key.0.clone()).or_default();
+        entry.0 += a.len() as u64;
+        if got.contains_key(key) {
+            out.windows += 1;
+            entry.1 += 1;
+        }
+        let holder = format!("{} (unsynced lane)", key.0);
+        match judge(&holder, &key.1, a, u, got.get(key)) {
+            Some(m) => evidence.push(Evidence::Telemetry(Box::new(m))),
+            None => out.accounted += a.len() as u64,
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -686,5 +831,107 @@ mod tests {
         assert_eq!(v.status, Status::Unknown);
         assert!(v.evidence[0].describe().contains("rollup_window_ms"));
         assert_eq!(check(&obs()).status, Status::Unknown);
+    }
+    fn local(samples: &[SampleObs]) -> Vec<crate::check::LocalRollup> {
+        rollups(samples)
+            .into_iter()
+            .map(|h| {
+                let mut rollup = h.rollup;
+                rollup.clock_unsynced = true;
+                crate::check::LocalRollup {
+                    edge: "s1/edge-1".into(),
+                    site: h.site,
+                    key: format!("d1/temp@{}~unsynced", rollup.window_start.0),
+                    rollup,
+                }
+            })
+            .collect()
+    }
+
+    /// Samples of an edge that booted in 1970: timestamps from 0.
+    fn samples_1970() -> Vec<SampleObs> {
+        (100..106)
+            .map(|i| {
+                let mut s = sample(i, 0, 1.0 + i as f64);
+                s.ts = Timestamp((i as i64 - 100) * 15_000 + 3);
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn samples_held_in_the_unsynced_lane_are_named_not_lost() {
+        let mut o = obs();
+        o.acked_samples = samples();
+        o.hub_rollups = rollups(&o.acked_samples);
+        o.acked_samples.extend(samples_1970());
+        o.edge_local_rollups = local(&samples_1970());
+        let v = check(&o);
+        assert_eq!(v.status, Status::Pass, "{v:?}");
+        assert!(
+            v.summary
+                .contains("10 acknowledged samples counted exactly once"),
+            "{}",
+            v.summary
+        );
+        assert!(
+            v.summary.contains("unsynced-clock lane (not lost, not in any hub): 6 acknowledged samples, 6 accounted for exactly by 2 local clock_unsynced rollup windows (s1/edge-1: 6 samples in 2 local windows)"),
+            "{}",
+            v.summary
+        );
+    }
+
+    #[test]
+    fn a_sample_in_neither_the_hub_nor_the_unsynced_lane_is_lost() {
+        let mut o = obs();
+        o.acked_samples = samples();
+        o.hub_rollups = rollups(&o.acked_samples);
+        // The edge's bucket lacks seq 103 (its window's largest value).
+        let kept: Vec<SampleObs> = samples_1970()
+            .into_iter()
+            .filter(|s| s.seq != 103)
+            .collect();
+        o.edge_local_rollups = local(&kept);
+        o.acked_samples.extend(samples_1970());
+        let v = check(&o);
+        assert_eq!(v.status, Status::Fail, "{v:?}");
+        let m = mismatch(&v);
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(m[0].hub, "s1/edge-1 (unsynced lane)");
+        assert_eq!(m[0].lost_at_least, 1);
+        assert_eq!(
+            m[0].identified_lost
+                .iter()
+                .map(|s| s.seq)
+                .collect::<Vec<_>>(),
+            [103]
+        );
+        // And with no bucket at all, every 1970 sample is lost.
+        o.edge_local_rollups.clear();
+        let v = check(&o);
+        let lost: u64 = mismatch(&v).iter().map(|m| m.lost_at_least).sum();
+        assert_eq!(lost, 6);
+    }
+
+    #[test]
+    fn a_1970_rollup_on_the_hub_is_reported() {
+        let mut o = obs();
+        o.acked_samples = samples();
+        o.acked_samples.extend(samples_1970());
+        o.edge_local_rollups = local(&samples_1970());
+        // The hub counts the 1970 windows too.
+        let mut on_hub = samples();
+        on_hub.extend(samples_1970());
+        o.hub_rollups = rollups(&on_hub);
+        let v = check(&o);
+        assert_eq!(v.status, Status::Fail);
+        let m = mismatch(&v);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m.iter().all(|m| m.hub == "hub-eu" && m.extra_at_least > 0));
+        assert!(
+            m[0].explanation.contains("plausible epoch"),
+            "{}",
+            m[0].explanation
+        );
     }
 }

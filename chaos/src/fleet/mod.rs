@@ -22,6 +22,8 @@
 //! With [`Isolation::Loopback`] configs still name only relay addresses,
 //! but that is not enough, and the isolation verdict cannot pass.
 
+pub mod clock;
+pub mod flood;
 pub mod http;
 pub mod plan;
 pub mod process;

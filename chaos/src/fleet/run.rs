@@ -105,19 +105,9 @@ pub enum Step {
 pub fn unsupported(a: &Action, s: &Scenario) -> Option<String> {
     let role = |n: &str| s.fleet.role(n);
     match a {
-        Action::ClockSkew { node, .. } => Some(format!(
-            "clock-skew on {node}: edge-node and cloud-hub have no clock offset setting yet"
-        )),
         Action::Command { from, .. } if !matches!(role(from), Some(NodeRole::Hub { .. })) => Some(
             format!("command from {from}: only the hub API can create commands"),
         ),
-        Action::Flood {
-            kind: FloodKind::Reconnect,
-            node,
-            ..
-        } => Some(format!(
-            "reconnect flood on {node}: needs a sync client in chaos (not built)"
-        )),
         _ => None,
     }
 }
@@ -177,6 +167,10 @@ pub struct Fleet {
     record: RunRecord,
     /// Open fault windows per (link, direction): since, counters then.
     windows: BTreeMap<(String, String), (i64, String, crate::link::DirectionCounters)>,
+    /// Nodes started with a clock offset file (the scenario skews them).
+    clock_skewed: std::collections::BTreeSet<String>,
+    /// Reconnect floods running beside the timeline: process, handle.
+    floods: Vec<(String, tokio::task::JoinHandle<super::flood::FloodCounts>)>,
     /// The nodes' network namespaces; declared last, so on drop the
     /// processes above are killed before the namespaces are deleted.
     netns: Option<NetnsSet>,
@@ -424,6 +418,8 @@ impl Fleet {
             start: Instant::now(),
             record,
             windows: BTreeMap::new(),
+            clock_skewed: super::clock::skewed_nodes(s),
+            floods: Vec::new(),
             netns,
         };
         let names: Vec<String> = fleet.plan.nodes.iter().map(|n| n.name.clone()).collect();
@@ -513,10 +509,12 @@ impl Fleet {
             .cloned()
             .ok_or_else(|| FleetError::Plan(format!("no node {name}")))?;
         let log = self.logs.entry(n.name.clone()).or_default().clone();
+        let env = super::clock::node_env(&n, &self.clock_skewed);
+        let (bin, args) = super::clock::with_env(self.bin(&n), self.args(&n), &env);
         let p = NodeProcess::start(
             &n.name,
-            &self.bin(&n),
-            &self.args(&n),
+            &bin,
+            &args,
             n.netns.as_deref(),
             &n.log_path(),
             log,
@@ -758,6 +756,72 @@ impl Fleet {
                     }),
                 );
             }
+            Action::ClockSkew { node, change } => {
+                let process = format!("{node}/clock");
+                let n = self
+                    .plan
+                    .node(node)
+                    .cloned()
+                    .ok_or_else(|| FleetError::Plan(format!("no node {node}")))?;
+                let path = super::clock::offset_path(&n);
+                self.history(
+                    &process,
+                    OpType::Invoke,
+                    "clock-skew",
+                    json!({"node": node, "change": change, "file": path}),
+                );
+                match super::clock::apply(&path, *change, super::clock::system_now_ms()) {
+                    Ok(ms) => self.history(
+                        &process,
+                        OpType::Ok,
+                        "clock-skew",
+                        json!({"node": node, "offset_ms": ms, "running": self.procs.contains_key(node)}),
+                    ),
+                    Err(e) => self.history(
+                        &process,
+                        OpType::Fail,
+                        "clock-skew",
+                        json!({"node": node, "error": e.to_string()}),
+                    ),
+                }
+            }
+            Action::Flood {
+                node,
+                rate_per_sec,
+                duration,
+                kind: FloodKind::Reconnect,
+            } => {
+                let process = format!("chaos/reconnect-flood/{node}");
+                let target = self.plan.node(node).map(|n| n.sync);
+                let key = self.keys.get(node).copied();
+                let (Some(addr), Some(key)) = (target, key) else {
+                    self.history(
+                        &process,
+                        OpType::Invoke,
+                        "reconnect-flood",
+                        json!({"node": node}),
+                    );
+                    self.history(
+                        &process,
+                        OpType::Fail,
+                        "reconnect-flood",
+                        json!({"error": format!("no sync address or key for {node}")}),
+                    );
+                    return Ok(());
+                };
+                let spec = super::flood::FloodSpec::new(key, addr, *rate_per_sec, *duration);
+                self.history(
+                    &process,
+                    OpType::Invoke,
+                    "reconnect-flood",
+                    json!({"node": node, "addr": addr.to_string(), "rate_per_sec": rate_per_sec,
+                           "duration_ms": duration.as_millis() as u64}),
+                );
+                // Bounded by `duration` (plus the last attempts' hold); runs
+                // beside the timeline, collected by `play`.
+                let h = tokio::spawn(async move { super::flood::reconnect_flood(&spec).await });
+                self.floods.push((process, h));
+            }
             Action::Flood {
                 node,
                 rate_per_sec,
@@ -797,6 +861,30 @@ impl Fleet {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Wait for the reconnect floods and record their counts: ok when the
+    /// target refused every stranger that reached it and accepted none.
+    async fn join_floods(&mut self) {
+        for (process, h) in std::mem::take(&mut self.floods) {
+            match h.await {
+                Ok(c) => {
+                    let kind = if c.target_held() {
+                        OpType::Ok
+                    } else {
+                        OpType::Fail
+                    };
+                    let v = serde_json::to_value(&c).unwrap_or_default();
+                    self.history(&process, kind, "reconnect-flood", v);
+                }
+                Err(e) => self.history(
+                    &process,
+                    OpType::Info,
+                    "reconnect-flood",
+                    json!({"error": format!("flood task: {e}")}),
+                ),
+            }
+        }
     }
 
     fn complete(&mut self, process: &str, f: &str, r: Result<http::Response, String>) {
@@ -839,6 +927,7 @@ impl Fleet {
             }
         }
         tokio::time::sleep_until(self.start + s.duration).await;
+        self.join_floods().await;
         let links: Vec<_> = self.mesh.links().cloned().collect();
         for l in links {
             for d in Direction::BOTH {
@@ -971,6 +1060,10 @@ impl Fleet {
             }
         }
         for n in &self.plan.nodes {
+            match super::clock::read_local_rollups(n) {
+                Ok(r) => self.record.observations.edge_local_rollups.extend(r),
+                Err(e) => tracing::warn!(node = %n.name, error = %e, "no local rollups"),
+            }
             match read_heads(n) {
                 Ok(reps) => self.record.observations.replicas.extend(reps),
                 Err(e) => tracing::warn!(node = %n.name, error = %e, "no replica heads"),
@@ -1152,7 +1245,18 @@ action = "heal"
             node: "s1/edge-1".into(),
             change: crate::scenario::ClockChange::OffsetMs(60_000),
         };
-        assert!(unsupported(&skew, &s).unwrap().contains("clock"));
+        assert_eq!(unsupported(&skew, &s), None, "clock-skew is carried out");
+        let storm = Action::Flood {
+            node: "hub-eu".into(),
+            kind: FloodKind::Reconnect,
+            rate_per_sec: 10,
+            duration: Duration::from_secs(1),
+        };
+        assert_eq!(
+            unsupported(&storm, &s),
+            None,
+            "reconnect floods are carried out"
+        );
         let cmd = Action::Command {
             from: "s1/edge-2".into(),
             device: "s1/edge-1/dev-1".into(),
