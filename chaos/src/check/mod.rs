@@ -228,6 +228,69 @@ pub struct Observations {
     pub end_ms: i64,
     /// When all replicas first had identical heads after the last heal.
     pub converged_at_ms: Option<i64>,
+    /// What the runner could not observe: the named checker says Unknown
+    /// (with these reasons) rather than passing on partial data.
+    pub unobserved: Vec<Unobserved>,
+}
+
+/// Data of one node one checker needs that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unobserved {
+    /// The checker that needed it.
+    pub checker: String,
+    /// The node (`*`: the fleet).
+    pub node: String,
+    /// What could not be read, and why.
+    pub detail: String,
+}
+
+/// A checker's verdict given what could not be observed for it. Evidence
+/// about a node whose input is missing is set aside (a hub whose store
+/// could not be read is not a hub that lost every sample); what remains
+/// decides: a failure shown by data that was read stands, otherwise the
+/// verdict is Unknown with the reasons as evidence, never a pass.
+fn with_unobserved(mut v: Verdict, o: &Observations) -> Verdict {
+    let blind: Vec<&Unobserved> = o
+        .unobserved
+        .iter()
+        .filter(|u| u.checker == v.checker)
+        .collect();
+    if blind.is_empty() {
+        return v;
+    }
+    let about = |e: &Evidence| -> Option<String> {
+        match e {
+            Evidence::Telemetry(m) => Some(m.hub.clone()),
+            Evidence::LoopStall { node, .. } | Evidence::Compliance { node, .. } => {
+                Some(node.clone())
+            }
+            _ => None,
+        }
+    };
+    let before = v.evidence.len();
+    v.evidence
+        .retain(|e| about(e).is_none_or(|n| !blind.iter().any(|u| u.node == n)));
+    let set_aside = before - v.evidence.len();
+    let proven = v
+        .evidence
+        .iter()
+        .any(|e| !matches!(e, Evidence::Malformed { .. }));
+    v.evidence.extend(blind.iter().map(|u| Evidence::Malformed {
+        detail: format!("not observed on {}: {}", u.node, u.detail),
+    }));
+    if !proven {
+        v.status = Status::Unknown;
+        v.summary = format!(
+            "{} input(s) could not be observed{}",
+            blind.len(),
+            if set_aside > 0 {
+                format!(" ({set_aside} finding(s) about them set aside)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    v
 }
 
 /// Everything a run produced: the input of the checkers and the report.
@@ -534,16 +597,16 @@ pub fn run_checks(record: &RunRecord) -> Vec<Verdict> {
         out.push(convergence::check(o));
     }
     if want("telemetry") {
-        out.push(telemetry::check(o));
+        out.push(with_unobserved(telemetry::check(o), o));
     }
     if want("commands") {
-        out.push(commands::check(&record.history, o));
+        out.push(with_unobserved(commands::check(&record.history, o), o));
     }
     if want("liveness") {
-        out.push(liveness::check(o, tol));
+        out.push(with_unobserved(liveness::check(o, tol), o));
     }
     if want("compliance") {
-        out.push(compliance::check(o));
+        out.push(with_unobserved(compliance::check(o), o));
     }
     if want("no-panic") {
         out.push(logs::check(o));

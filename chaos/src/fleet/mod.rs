@@ -25,6 +25,7 @@
 pub mod clock;
 pub mod flood;
 pub mod http;
+pub mod observe;
 pub mod plan;
 pub mod process;
 pub mod run;

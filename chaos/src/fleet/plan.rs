@@ -374,6 +374,7 @@ impl FleetPlan {
         // Short windows, so that once writers stop every window closes and
         // syncs well within a quiescence timeout.
         cfg.summariser.window_s = SUMMARY_WINDOW_S;
+        cfg.control.tick_journal = true; // loop liveness: every tick, see fleet::observe
         cfg.validate().map_err(|(field, reason)| {
             FleetError::Plan(format!(
                 "{}: generated config: {field}: {reason}",

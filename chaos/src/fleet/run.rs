@@ -1022,6 +1022,12 @@ impl Fleet {
         for span in &mut self.record.observations.downtime {
             span.to_ms = span.to_ms.min(end_ms);
         }
+        // The host's wall clock when the run started: nodes record wall
+        // times, the record wants ms since the start (see fleet::observe).
+        let run_start_wall_ms = {
+            use edge_node::clock::Clock as _;
+            edge_node::clock::SystemClock.now().as_millis() - end_ms
+        };
         // Whole-run totals per relay direction, beside the fault windows.
         let links: Vec<_> = self.mesh.links().cloned().collect();
         for l in links {
@@ -1067,6 +1073,43 @@ impl Fleet {
             match read_heads(n) {
                 Ok(reps) => self.record.observations.replicas.extend(reps),
                 Err(e) => tracing::warn!(node = %n.name, error = %e, "no replica heads"),
+            }
+        }
+        // Rollups, acknowledged samples, command executions, loop ticks and
+        // holdings, from the stopped nodes' files.
+        let files: Vec<_> = self
+            .plan
+            .nodes
+            .iter()
+            .map(super::observe::NodeFiles::of)
+            .collect();
+        let tenants = self.record.observations.tenants.clone();
+        let seen = tokio::task::spawn_blocking(move || {
+            super::observe::observe_fleet(&files, &tenants, run_start_wall_ms)
+        })
+        .await;
+        let ob = &mut self.record.observations;
+        match seen {
+            Ok(seen) => {
+                ob.hub_rollups.extend(seen.hub_rollups);
+                ob.acked_samples.extend(seen.acked_samples);
+                ob.indeterminate_samples.extend(seen.indeterminate_samples);
+                ob.command_executions.extend(seen.command_executions);
+                ob.loop_ticks.extend(seen.loop_ticks);
+                ob.holdings.extend(seen.holdings);
+                ob.unobserved.extend(seen.unobserved);
+                if let Some(w) = seen.rollup_window_ms {
+                    ob.rollup_window_ms = w;
+                }
+            }
+            Err(e) => {
+                for c in ["telemetry", "commands", "liveness", "compliance"] {
+                    ob.unobserved.push(crate::check::Unobserved {
+                        checker: c.into(),
+                        node: "*".into(),
+                        detail: format!("the observer failed: {e}"),
+                    });
+                }
             }
         }
         for (_, d) in std::mem::take(&mut self.devices) {
