@@ -41,7 +41,8 @@ impl<C: Clock> OffsetFileClock<C> {
             offset_ms: AtomicI64::new(0),
             warned: AtomicBool::new(false),
         };
-        c.refresh();
+        // The first reading is logged by the caller ("active"), not as a change.
+        c.reload(false);
         c
     }
 
@@ -57,6 +58,10 @@ impl<C: Clock> OffsetFileClock<C> {
 
     /// Re-read the file; returns the offset in force afterwards.
     pub fn refresh(&self) -> i64 {
+        self.reload(true)
+    }
+
+    fn reload(&self, log_change: bool) -> i64 {
         let next = match std::fs::read_to_string(&self.path) {
             Ok(text) => match text.trim().parse::<i64>() {
                 Ok(v) => {
@@ -87,7 +92,7 @@ impl<C: Clock> OffsetFileClock<C> {
         };
         if let Some(v) = next {
             let old = self.offset_ms.swap(v, Ordering::Relaxed);
-            if old != v {
+            if old != v && log_change {
                 tracing::warn!(
                     offset_ms = v,
                     previous_ms = old,
