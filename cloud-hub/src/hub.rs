@@ -89,6 +89,9 @@ pub struct ServeOptions {
     pub registry_poll: Duration,
     /// Window of the refusal audit rate limit.
     pub refusal_window: Duration,
+    /// Refusing peers with their own audit entries per window; more are
+    /// pooled into one entry with a count.
+    pub refusal_peers: usize,
 }
 
 impl ServeOptions {
@@ -101,6 +104,7 @@ impl ServeOptions {
             http: true,
             registry_poll: Duration::from_millis(250),
             refusal_window: Duration::from_secs(60),
+            refusal_peers: REFUSAL_PEERS_TRACKED,
         }
     }
 }
@@ -342,12 +346,21 @@ impl Core {
 
     /// Record a refusal through the rate limiter.
     fn refused(&self, peer: EndpointKey, kind: &'static str, reason: &str) {
-        let entry = match self.limiter.lock() {
+        if let Some(e) = self.refusal_entry(peer, kind, reason) {
+            self.write_refusals(&[(e, false)], 0);
+        }
+    }
+
+    /// Run one refusal through the limiter; the entry to write now, if any.
+    fn refusal_entry(
+        &self,
+        peer: EndpointKey,
+        kind: &'static str,
+        reason: &str,
+    ) -> Option<RefusalEntry> {
+        match self.limiter.lock() {
             Ok(mut l) => l.handle(peer, kind, reason, self.clock.now()),
             Err(_) => None,
-        };
-        if let Some(e) = entry {
-            self.write_refusal(&e, false);
         }
     }
 
@@ -356,24 +369,54 @@ impl Core {
             Ok(mut l) => l.poll(self.clock.now(), all),
             Err(_) => Vec::new(),
         };
-        for e in entries {
-            self.write_refusal(&e, true);
-        }
+        let entries: Vec<_> = entries.into_iter().map(|e| (e, true)).collect();
+        self.write_refusals(&entries, 0);
     }
 
-    fn write_refusal(&self, e: &RefusalEntry, summary: bool) {
-        let details = if summary {
-            format!("count={} (refusals suppressed in the last window)", e.count)
-        } else {
-            format!("count={}", e.count)
-        };
-        self.audit_logged(&AuditRecord {
-            actor: "hub".into(),
-            action: e.kind.into(),
-            target: e.peer.to_string(),
-            reason: e.reason.clone(),
-            details,
-        });
+    /// Write refusal entries (`true`: a window's summary) and, if the audit
+    /// task missed node events, one `sync.refusal_audit_gap` entry saying how
+    /// many: refusals among them were not counted, and the log says so.
+    /// One open of the log for the whole batch.
+    fn write_refusals(&self, entries: &[(RefusalEntry, bool)], missed_events: u64) {
+        let mut recs: Vec<AuditRecord> = entries
+            .iter()
+            .map(|(e, summary)| AuditRecord {
+                actor: "hub".into(),
+                action: e.kind.into(),
+                target: e.peer.to_string(),
+                reason: e.reason.clone(),
+                details: if *summary {
+                    format!("count={} (refusals suppressed in the last window)", e.count)
+                } else {
+                    format!("count={}", e.count)
+                },
+            })
+            .collect();
+        if missed_events > 0 {
+            recs.push(AuditRecord {
+                actor: "hub".into(),
+                action: "sync.refusal_audit_gap".into(),
+                target: "hub".into(),
+                reason: "the refusal audit fell behind the node's events".into(),
+                details: format!(
+                    "missed_events={missed_events} (refusals among them are not counted above)"
+                ),
+            });
+        }
+        if recs.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let res =
+            AuditLog::open_wait(&self.paths.audit, self.signing(), now).and_then(|(mut log, _)| {
+                for r in &recs {
+                    log.append(r, now)?;
+                }
+                Ok(())
+            });
+        if let Err(e) = res {
+            tracing::error!(error = %e, entries = recs.len(), "could not write refusal audit entries");
+        }
     }
 }
 
@@ -474,6 +517,9 @@ pub struct Hub {
     core: Arc<Core>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Ends when the node's event channel closes, after the node's shutdown,
+    /// so every refusal the node reported is audited.
+    refusals: JoinHandle<()>,
     http_addr: Option<SocketAddr>,
 }
 
@@ -581,7 +627,7 @@ impl Hub {
             clock: clock.clone(),
             dir: dir.clone(),
             store: store.clone(),
-            limiter: Mutex::new(RefusalLimiter::new(opts.refusal_window, 10_000)),
+            limiter: Mutex::new(RefusalLimiter::new(opts.refusal_window, opts.refusal_peers)),
             seen: Mutex::new(BTreeMap::new()),
         });
         core.publish()?;
@@ -613,19 +659,13 @@ impl Hub {
             node.dial(up.endpoint_id, up.addr)?;
         }
         let (stop, _) = watch::channel(false);
-        let mut tasks = vec![
-            tokio::spawn(registry_watch(
-                core.clone(),
-                node.clone(),
-                opts.registry_poll,
-                stop.subscribe(),
-            )),
-            tokio::spawn(refusal_audit(
-                core.clone(),
-                node.subscribe(),
-                stop.subscribe(),
-            )),
-        ];
+        let mut tasks = vec![tokio::spawn(registry_watch(
+            core.clone(),
+            node.clone(),
+            opts.registry_poll,
+            stop.subscribe(),
+        ))];
+        let refusals = tokio::spawn(refusal_audit(core.clone(), node.subscribe()));
         if cfg.upstream.is_some() && cfg.tier == schemas::policy::HubTier::Regional {
             // Fleet aggregates are what the global hub receives.
             tasks.push(tokio::spawn(crate::aggregate::run(
@@ -646,6 +686,7 @@ impl Hub {
             core,
             stop,
             tasks,
+            refusals,
             http_addr,
         })
     }
@@ -685,8 +726,9 @@ impl Hub {
         &self.core.store
     }
 
-    /// Stop HTTP and the background tasks, flush pending refusal summaries, shut the
-    /// sync node down (closing connections) and flush the store.
+    /// Stop HTTP and the background tasks, shut the sync node down (closing
+    /// connections), let the refusal audit take the node's last events and
+    /// flush pending refusal summaries, then flush the store.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
@@ -697,12 +739,18 @@ impl Hub {
                 tracing::warn!("a hub task did not stop within 5 s");
             }
         }
-        let core = self.core.clone();
-        let _ = tokio::task::spawn_blocking(move || core.flush_refusals(true)).await;
         match Arc::try_unwrap(self.node) {
             Ok(node) => node.shutdown().await,
             Err(_) => tracing::error!("sync node still shared at shutdown; not shut down cleanly"),
         }
+        if tokio::time::timeout(Duration::from_secs(5), self.refusals)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the refusal audit did not finish within 5 s of the node's shutdown");
+        }
+        let core = self.core.clone();
+        let _ = tokio::task::spawn_blocking(move || core.flush_refusals(true)).await;
         let core = self.core;
         let _ = tokio::task::spawn_blocking(move || {
             if let Err(e) = core.store.flush() {
@@ -782,42 +830,82 @@ async fn registry_watch(
     }
 }
 
-/// Audit refused connections and documents, rate-limited.
-async fn refusal_audit(
-    core: Arc<Core>,
-    mut events: tokio::sync::broadcast::Receiver<NodeEvent>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// At most this many refusing peers get their own audit entries per window;
+/// more are pooled under the all-zero key with a count. A flood of fresh
+/// keys then costs a handful of fsynced entries, not one per attempt, and
+/// the audit log never becomes the flood's amplifier.
+pub const REFUSAL_PEERS_TRACKED: usize = 256;
+
+/// Refusals read from the node's events before one batched write.
+const REFUSAL_BATCH: usize = 512;
+
+fn refusal_of(ev: NodeEvent) -> Option<(EndpointKey, &'static str, String)> {
+    match ev {
+        NodeEvent::Refused { peer, reason } => Some((peer, "sync.refused_connection", reason)),
+        NodeEvent::Session {
+            peer,
+            event: Event::Refused { doc, reason },
+        } => {
+            let reason = match doc {
+                Some(d) => format!("{d}: {reason}"),
+                None => reason,
+            };
+            Some((peer, "sync.refused_document", reason))
+        }
+        _ => None,
+    }
+}
+
+/// Audit refused connections and documents, rate-limited. Events are run
+/// through the limiter as fast as they come (no disk wait per event) and
+/// the resulting entries are written in batches; if the task still falls
+/// behind, the number of missed events is itself audited. It runs until the
+/// node's event channel closes (the node shut down), so no refusal the node
+/// reported goes unaccounted.
+async fn refusal_audit(core: Arc<Core>, mut events: tokio::sync::broadcast::Receiver<NodeEvent>) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let refusal = tokio::select! {
+    let mut closed = false;
+    while !closed {
+        let mut entries = Vec::new();
+        let mut missed = 0u64;
+        let on_event = |ev: NodeEvent, entries: &mut Vec<(RefusalEntry, bool)>| {
+            if let Some((peer, kind, reason)) = refusal_of(ev)
+                && let Some(e) = core.refusal_entry(peer, kind, &reason)
+            {
+                entries.push((e, false));
+            }
+        };
+        tokio::select! {
             ev = events.recv() => match ev {
-                Ok(NodeEvent::Refused { peer, reason }) => Some((peer, "sync.refused_connection", reason)),
-                Ok(NodeEvent::Session { peer, event: Event::Refused { doc, reason } }) => {
-                    let reason = match doc {
-                        Some(d) => format!("{d}: {reason}"),
-                        None => reason,
-                    };
-                    Some((peer, "sync.refused_document", reason))
-                }
-                Ok(_) => None,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "refusal audit lagged behind node events");
-                    None
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                Ok(ev) => on_event(ev, &mut entries),
+                Err(RecvError::Lagged(n)) => missed += n,
+                Err(RecvError::Closed) => closed = true,
             },
             _ = tick.tick() => {
                 let c = core.clone();
                 let _ = tokio::task::spawn_blocking(move || c.flush_refusals(false)).await;
-                None
             }
-            () = stopped(&mut stop) => break,
-        };
-        if let Some((peer, kind, reason)) = refusal {
+        }
+        // Take whatever else is already queued before touching the disk.
+        for _ in 0..REFUSAL_BATCH {
+            match events.try_recv() {
+                Ok(ev) => on_event(ev, &mut entries),
+                Err(TryRecvError::Lagged(n)) => missed += n,
+                Err(TryRecvError::Closed) => {
+                    closed = true;
+                    break;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if missed > 0 {
+            tracing::warn!(missed, "refusal audit lagged behind node events");
+        }
+        if !entries.is_empty() || missed > 0 {
             let c = core.clone();
-            let _ = tokio::task::spawn_blocking(move || c.refused(peer, kind, &reason)).await;
+            let _ = tokio::task::spawn_blocking(move || c.write_refusals(&entries, missed)).await;
         }
     }
 }

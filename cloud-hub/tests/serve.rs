@@ -474,3 +474,86 @@ async fn serve_binary_ready_enrol_revoke_sigterm() {
     let verify = run(&["audit", "verify"]);
     assert!(verify.starts_with("ok:"), "{verify}");
 }
+
+/// A flood of unknown keys: every refusal the node reports is in the audit
+/// log, as its own entry or inside a pooled entry's count, and the pooled
+/// table keeps the number of fsynced entries far below the number of peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_strangers_is_audited_in_full_with_few_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    keys::create(&dir.join("hub.key")).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut opts = ServeOptions::new(hub_config(dir));
+    opts.http = false;
+    opts.refusal_peers = 3;
+    let hub = Hub::start(opts, clock.clone() as Arc<dyn Clock>)
+        .await
+        .unwrap();
+    let hub_id = hub.endpoint_id();
+    let hub_addr = hub.sync_addr().unwrap();
+    let mut hub_events = hub.node().subscribe();
+
+    const STRANGERS: u8 = 12;
+    let mut strangers = Vec::new();
+    for i in 0..STRANGERS {
+        let s = Edge::start(NodeKey::from_bytes([60 + i; 32]), hub_id, "acme", "s1").await;
+        s.node.dial(hub_id, hub_addr).unwrap();
+        strangers.push(s);
+    }
+    let mut refused = 0u64;
+    let mut who = std::collections::BTreeSet::new();
+    wait_for("every stranger refused", 20, || {
+        while let Ok(e) = hub_events.try_recv() {
+            if let NodeEvent::Refused { peer, .. } = e {
+                refused += 1;
+                who.insert(peer);
+            }
+        }
+        who.len() == usize::from(STRANGERS)
+    })
+    .await;
+    for s in strangers {
+        s.stop().await;
+    }
+    hub.shutdown().await;
+    // Everything the node reported, to the end (the channel closes with the node).
+    loop {
+        match hub_events.try_recv() {
+            Ok(NodeEvent::Refused { .. }) => refused += 1,
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                panic!("the test's own receiver lagged by {n}")
+            }
+            Err(_) => break,
+        }
+    }
+
+    let text = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+    let mut entries = 0u64;
+    let mut counted = 0u64;
+    for line in text.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_ne!(e["action"], "sync.refusal_audit_gap", "{line}");
+        if e["action"] == "sync.refused_connection" {
+            entries += 1;
+            let details = e["details"].as_str().unwrap();
+            let n: u64 = details
+                .trim_start_matches("count=")
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            counted += n;
+        }
+    }
+    assert_eq!(
+        counted, refused,
+        "refusals reported by the node vs counted in the audit log"
+    );
+    assert!(
+        entries < u64::from(STRANGERS),
+        "{entries} entries for {STRANGERS} peers: the peer table did not pool"
+    );
+}
