@@ -282,10 +282,19 @@ impl FleetPlan {
                 region: t.region.clone(),
             })
             .collect();
+        // A global hub serves every region (it only ever receives
+        // aggregates); a hub config must name at least one.
+        let regions = if *tier == HubTier::Global && regions.is_empty() {
+            let all: std::collections::BTreeSet<_> =
+                s.fleet.tenants.iter().map(|t| t.region.clone()).collect();
+            all.into_iter().collect()
+        } else {
+            regions.clone()
+        };
         Ok(HubConfig {
             data_dir: node.data_dir(),
             key_path: Some(node.key_path()),
-            regions: regions.clone(),
+            regions,
             tier: *tier,
             tenants,
             sync_listen: node.sync,
@@ -560,6 +569,32 @@ devices_per_edge = 2
             }
         }
         m
+    }
+
+    #[test]
+    fn every_library_scenario_plans_hub_configs_that_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let loaded = crate::scenario::load_dir(&dir).unwrap();
+        assert!(loaded.len() >= 8, "{}", loaded.len());
+        for (file, s) in loaded {
+            let s = s.unwrap();
+            let mut p = 40000;
+            let plan = FleetPlan::new(&s, Path::new("/tmp/run"), &mut |_| {
+                p += 1;
+                Ok(NodeAddrs {
+                    sync: SocketAddr::from(([127, 0, 0, 1], p)),
+                    gateway: IpAddr::from([127, 0, 0, 1]),
+                    netns: None,
+                })
+            })
+            .unwrap();
+            for n in plan.nodes.iter().filter(|n| n.is_hub()) {
+                let cfg = plan.hub_config(n, &s, None).unwrap();
+                if let Err((field, why)) = cfg.validate() {
+                    panic!("{}: {}: {field}: {why}", file.display(), n.name);
+                }
+            }
+        }
     }
 
     #[test]
