@@ -36,18 +36,21 @@
 //! # Times
 //!
 //! Record times are ms since the run started (`Fleet::start`). The runner
-//! takes `run_start_wall_ms` = the host's wall clock when observing minus
-//! `Fleet::now_ms()` (the run's monotonic elapsed time); the nodes run on
-//! the same host and clock.
+//! gives [`RunStart`]: the host's time since boot and its wall clock at
+//! that moment, each taken when observing minus `Fleet::now_ms()` (the
+//! run's monotonic elapsed time). The nodes run on the same host.
 //!
 //! - A tick at `mono_ms` in an incarnation whose journal `start` line says
-//!   `wall_ms = W` is at `W - run_start_wall_ms + mono_ms`. Within an
-//!   incarnation, gaps are measured on the monotonic clock (immune to wall
-//!   steps); only the incarnation's anchor uses wall time. On a node whose
-//!   wall clock is skewed (a clock-skew scenario) that anchor is off by the
-//!   skew in force when the incarnation started: a limit, stated here.
+//!   `boot_ms = B` is at `B - RunStart::boot_ms + mono_ms`: gaps within an
+//!   incarnation are measured on its monotonic clock, and the incarnation
+//!   is placed by the host's uptime, which no clock skew moves (a node
+//!   booted "in 1970" still lands on the run's timeline). Only when either
+//!   uptime is missing does the anchor fall back to wall time
+//!   (`W - RunStart::wall_ms`), which a skewed node's clock would shift.
 //! - A command start recorded at the node's wall time `at` is at
-//!   `at - run_start_wall_ms` (off by a skew likewise).
+//!   `at - RunStart::wall_ms`: the ledger keeps only wall time, so on a
+//!   node whose clock is skewed this is off by the skew (order and count,
+//!   what the checker judges, are not).
 //!
 //! # What cannot be read
 //!
@@ -153,6 +156,28 @@ pub enum ObserveError {
         /// What failed.
         detail: String,
     },
+}
+
+/// The run's start on the host's clocks (see "Times" above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunStart {
+    /// The host's wall clock, ms since the epoch.
+    pub wall_ms: i64,
+    /// The host's time since boot, ms (`edge_node::control::uptime_ms`).
+    pub boot_ms: Option<i64>,
+}
+
+impl RunStart {
+    /// The run's start, given how long ago (ms) it was.
+    pub fn elapsed_ms_ago(ms: i64) -> RunStart {
+        use edge_node::clock::Clock as _;
+        RunStart {
+            wall_ms: edge_node::clock::SystemClock.now().as_millis() - ms,
+            boot_ms: edge_node::control::uptime_ms()
+                .and_then(|b| i64::try_from(b).ok())
+                .map(|b| b - ms),
+        }
+    }
 }
 
 /// Where one node keeps its data: what the readers need of a
@@ -408,7 +433,7 @@ pub fn read_raw_zone(
 pub fn read_commands(
     edge: &str,
     data_dir: &Path,
-    run_start_wall_ms: i64,
+    run: RunStart,
 ) -> Result<Vec<CommandExecution>, ObserveError> {
     let path = data_dir.join(LEDGER_FILE);
     let started =
@@ -421,7 +446,7 @@ pub fn read_commands(
         .map(|s| CommandExecution {
             edge: edge.to_string(),
             command_id: s.id,
-            at_ms: s.at.as_millis() - run_start_wall_ms,
+            at_ms: s.at.as_millis() - run.wall_ms,
         })
         .collect())
 }
@@ -438,7 +463,7 @@ pub fn read_loop_ticks(
     edge: &str,
     data_dir: &Path,
     periods: &BTreeMap<String, i64>,
-    run_start_wall_ms: i64,
+    run: RunStart,
 ) -> Result<TicksAndDrops, ObserveError> {
     let path = data_dir.join(edge_node::control::TICK_JOURNAL_FILE);
     if !path.is_file() {
@@ -464,8 +489,12 @@ pub fn read_loop_ticks(
             .ticks
             .iter()
             .filter_map(|&(inc, mono, _wall)| {
-                let start = *j.starts.get(inc)?;
-                Some(start - run_start_wall_ms + i64::try_from(mono).ok()?)
+                let start = j.starts.get(inc)?;
+                let anchor = match (start.boot_ms, run.boot_ms) {
+                    (Some(b), Some(r)) => i64::try_from(b).ok()? - r,
+                    _ => start.wall_ms - run.wall_ms,
+                };
+                Some(anchor + i64::try_from(mono).ok()?)
             })
             .collect();
         ticks_ms.sort_unstable();
@@ -502,11 +531,7 @@ pub fn read_edge_config(n: &NodeFiles) -> Result<(BTreeMap<String, i64>, i64), O
 
 /// Observe every node of a stopped fleet. Never fails as a whole: what
 /// cannot be read is listed in [`Observed::unobserved`].
-pub fn observe_fleet(
-    nodes: &[NodeFiles],
-    tenants: &[TenantSpec],
-    run_start_wall_ms: i64,
-) -> Observed {
+pub fn observe_fleet(nodes: &[NodeFiles], tenants: &[TenantSpec], run: RunStart) -> Observed {
     let mut o = Observed::default();
     let mut windows = BTreeSet::new();
     // Edges whose samples could not be read: (site, devices) whose hub
@@ -566,14 +591,14 @@ pub fn observe_fleet(
                 }
             }
         }
-        match read_commands(&n.name, &n.data_dir, run_start_wall_ms) {
+        match read_commands(&n.name, &n.data_dir, run) {
             Ok(c) => o.command_executions.extend(c),
             Err(e) => o.unobserved.push(unobserved("commands", &n.name, &e)),
         }
         match cfg {
             Ok((periods, window)) => {
                 windows.insert(window);
-                match read_loop_ticks(&n.name, &n.data_dir, &periods, run_start_wall_ms) {
+                match read_loop_ticks(&n.name, &n.data_dir, &periods, run) {
                     Ok((ticks, dropped)) => {
                         o.loop_ticks.extend(ticks);
                         for (name, count) in dropped {
@@ -777,8 +802,23 @@ mod tests {
         open_store(n).unwrap()
     }
 
+    /// The run started when the edge's journal opened: wall `T0` on the
+    /// manual clock, and the host's uptime its start line recorded.
+    fn run_start(nodes: &[NodeFiles]) -> RunStart {
+        let j = edge_node::control::read_journal(
+            &nodes[1]
+                .data_dir
+                .join(edge_node::control::TICK_JOURNAL_FILE),
+        )
+        .unwrap();
+        RunStart {
+            wall_ms: T0,
+            boot_ms: Some(j.starts[0].boot_ms.unwrap() as i64),
+        }
+    }
+
     fn observations(nodes: &[NodeFiles], tenants: &[TenantSpec]) -> Observations {
-        let seen = observe_fleet(nodes, tenants, T0);
+        let seen = observe_fleet(nodes, tenants, run_start(nodes));
         Observations {
             nodes: nodes
                 .iter()
@@ -852,6 +892,42 @@ mod tests {
         for c in ["telemetry", "commands", "liveness", "compliance"] {
             assert_eq!(status(&v, c), Status::Pass, "{c}: {v:#?}");
         }
+    }
+
+    /// An incarnation booted with its clock in 1970 is placed on the run's
+    /// timeline by the host's uptime, not by its wall clock.
+    #[test]
+    fn a_node_booted_in_1970_is_placed_by_uptime() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp(0)));
+        let path = dir.path().join(edge_node::control::TICK_JOURNAL_FILE);
+        let j = edge_node::control::TickJournal::open(&path, 64, clock.clone()).unwrap();
+        let s = j.handle().sender("room");
+        for _ in 0..3 {
+            clock.advance(Duration::from_millis(1000));
+            s.record(clock.monotonic(), clock.now().as_millis());
+        }
+        drop(s);
+        j.close();
+        let boot = edge_node::control::read_journal(&path).unwrap().starts[0]
+            .boot_ms
+            .unwrap() as i64;
+        // The run started 5 s before this incarnation, at a real wall time.
+        let run = RunStart {
+            wall_ms: T0,
+            boot_ms: Some(boot - 5_000),
+        };
+        let periods = BTreeMap::from([("room".to_string(), 1000)]);
+        let (ticks, dropped) = read_loop_ticks("e", dir.path(), &periods, run).unwrap();
+        assert!(dropped.is_empty());
+        assert_eq!(ticks[0].ticks_ms, vec![6_000, 7_000, 8_000]);
+        // Without uptime the wall clock would have put it 55 years back.
+        let run = RunStart {
+            wall_ms: T0,
+            boot_ms: None,
+        };
+        let (ticks, _) = read_loop_ticks("e", dir.path(), &periods, run).unwrap();
+        assert_eq!(ticks[0].ticks_ms[0], 1_000 - T0);
     }
 
     #[test]

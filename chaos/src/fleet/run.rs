@@ -1022,12 +1022,10 @@ impl Fleet {
         for span in &mut self.record.observations.downtime {
             span.to_ms = span.to_ms.min(end_ms);
         }
-        // The host's wall clock when the run started: nodes record wall
-        // times, the record wants ms since the start (see fleet::observe).
-        let run_start_wall_ms = {
-            use edge_node::clock::Clock as _;
-            edge_node::clock::SystemClock.now().as_millis() - end_ms
-        };
+        // The run's start on the host's uptime and wall clock: nodes
+        // record those, the record wants ms since the start (see
+        // fleet::observe, "Times").
+        let run_start = super::observe::RunStart::elapsed_ms_ago(end_ms);
         // Whole-run totals per relay direction, beside the fault windows.
         let links: Vec<_> = self.mesh.links().cloned().collect();
         for l in links {
@@ -1085,7 +1083,7 @@ impl Fleet {
             .collect();
         let tenants = self.record.observations.tenants.clone();
         let seen = tokio::task::spawn_blocking(move || {
-            super::observe::observe_fleet(&files, &tenants, run_start_wall_ms)
+            super::observe::observe_fleet(&files, &tenants, run_start)
         })
         .await;
         let ob = &mut self.record.observations;

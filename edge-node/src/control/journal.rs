@@ -17,8 +17,13 @@
 //! `{data_dir}/loop-ticks.log`, JSON lines ([`JournalLine`]), appended by
 //! every incarnation of the process:
 //!
-//! - `{"kind":"start","wall_ms":W}`: one per incarnation, first; monotonic
-//!   times of the lines after it count from this moment (`mono_ms = 0`);
+//! - `{"kind":"start","wall_ms":W,"boot_ms":B}`: one per incarnation,
+//!   first; monotonic times of the lines after it count from this moment
+//!   (`mono_ms = 0`). `boot_ms` is the host's time since boot then
+//!   (`/proc/uptime`, 10 ms resolution; absent where unreadable): unlike
+//!   the node's wall clock it cannot be skewed or set to 1970, so an
+//!   observer on the same host can place the incarnation on its own
+//!   timeline ([`uptime_ms`]);
 //! - `{"kind":"tick","loop":"room","mono_ms":M,"wall_ms":W}`: one per tick;
 //! - `{"kind":"dropped","loop":"room","total":N,"mono_ms":M}`: ticks of
 //!   that loop dropped so far in this incarnation.
@@ -48,6 +53,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 
+/// The host's time since boot, ms, from `/proc/uptime` (`None` where that
+/// cannot be read). Every process on a host sees the same value, and no
+/// clock offset or wall-clock step moves it: the anchor that lets an
+/// observer map one process's monotonic times onto another's.
+pub fn uptime_ms() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs = text.split_whitespace().next()?;
+    let (whole, frac) = secs.split_once('.').unwrap_or((secs, "0"));
+    let whole: u64 = whole.parse().ok()?;
+    let frac_ms: u64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
+    whole.checked_mul(1000)?.checked_add(frac_ms)
+}
+
 /// The journal's file name inside the data directory.
 pub const TICK_JOURNAL_FILE: &str = "loop-ticks.log";
 
@@ -59,6 +77,9 @@ pub enum JournalLine {
     Start {
         /// Its wall clock then (the node's clock, ms since the epoch).
         wall_ms: i64,
+        /// The host's time since boot then, ms (see [`uptime_ms`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_ms: Option<u64>,
     },
     /// One tick of one loop.
     Tick {
@@ -235,7 +256,7 @@ impl TickJournal {
                 f.write_all(b"\n").map_err(|e| io("write", e))?;
             }
         }
-        Self::with_writer(Box::new(f), capacity, clock)
+        Self::start(Box::new(f), capacity, clock, true)
     }
 
     /// Start a journal over any writer (tests inject a slow or failing
@@ -245,11 +266,21 @@ impl TickJournal {
         capacity: usize,
         clock: Arc<dyn Clock>,
     ) -> Result<TickJournal, JournalError> {
+        Self::start(writer, capacity, clock, false)
+    }
+
+    fn start(
+        writer: Box<dyn Write + Send>,
+        capacity: usize,
+        clock: Arc<dyn Clock>,
+        with_uptime: bool,
+    ) -> Result<TickJournal, JournalError> {
         if capacity == 0 {
             return Err(JournalError::Capacity);
         }
         let (tx, rx) = sync_channel::<Tick>(capacity);
         let origin = clock.monotonic();
+        let boot_ms = if with_uptime { uptime_ms() } else { None };
         let start_wall = clock.now().as_millis();
         let registry: Registry = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -267,7 +298,7 @@ impl TickJournal {
         };
         let thread = std::thread::Builder::new()
             .name("tick-journal".into())
-            .spawn(move || w.run(start_wall))
+            .spawn(move || w.run(start_wall, boot_ms))
             .map_err(|source| JournalError::Io {
                 op: "spawn writer thread",
                 path: PathBuf::new(),
@@ -388,9 +419,10 @@ impl Writer {
         });
     }
 
-    fn run(mut self, start_wall: i64) {
+    fn run(mut self, start_wall: i64, boot_ms: Option<u64>) {
         self.line(&JournalLine::Start {
             wall_ms: start_wall,
+            boot_ms,
         });
         let _ = self.out.flush();
         loop {
@@ -428,11 +460,20 @@ pub struct LoopJournal {
     pub dropped: u64,
 }
 
+/// One incarnation's `start` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalStart {
+    /// The node's wall clock then.
+    pub wall_ms: i64,
+    /// The host's time since boot then, if recorded.
+    pub boot_ms: Option<u64>,
+}
+
 /// Everything a journal file holds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JournalContents {
-    /// Wall ms of each incarnation's `start` line, in file order.
-    pub starts: Vec<i64>,
+    /// Each incarnation's start, in file order.
+    pub starts: Vec<JournalStart>,
     /// Per loop.
     pub loops: BTreeMap<String, LoopJournal>,
     /// Torn lines skipped (a killed incarnation's last line).
@@ -479,7 +520,9 @@ pub fn read_journal(path: &Path) -> Result<JournalContents, JournalError> {
             }
         };
         match line {
-            JournalLine::Start { wall_ms } => out.starts.push(wall_ms),
+            JournalLine::Start { wall_ms, boot_ms } => {
+                out.starts.push(JournalStart { wall_ms, boot_ms })
+            }
             JournalLine::Tick {
                 loop_name,
                 mono_ms,
@@ -554,7 +597,16 @@ mod tests {
         j.close();
 
         let c = read_journal(&path).unwrap();
-        assert_eq!(c.starts, vec![T0.as_millis(), T0.as_millis() + 65_000]);
+        let walls: Vec<i64> = c.starts.iter().map(|s| s.wall_ms).collect();
+        assert_eq!(walls, vec![T0.as_millis(), T0.as_millis() + 65_000]);
+        // Opened on a real file: the host's uptime anchors each incarnation.
+        let boots: Vec<u64> = c.starts.iter().map(|s| s.boot_ms.unwrap()).collect();
+        assert!(boots[0] > 0 && boots[1] >= boots[0], "{boots:?}");
+        let now = uptime_ms().unwrap();
+        assert!(
+            now >= boots[1] && now - boots[1] < 60_000,
+            "{now} {boots:?}"
+        );
         assert_eq!(c.torn_lines, 1);
         let room = &c.loops["room"];
         assert_eq!(room.dropped, 0);

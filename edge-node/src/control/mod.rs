@@ -24,7 +24,8 @@ use serde::Serialize;
 
 pub use jitter::{JitterStats, JitterWindow};
 pub use journal::{
-    JournalError, JournalHandle, TICK_JOURNAL_FILE, TickJournal, TickSender, read_journal,
+    JournalError, JournalHandle, JournalStart, TICK_JOURNAL_FILE, TickJournal, TickSender,
+    read_journal, uptime_ms,
 };
 pub use runner::{
     Actuator, CoilActuator, LoopOptions, LoopRunner, spawn_loop, spawn_loop_journaled,
