@@ -594,7 +594,7 @@ pub fn run_checks(record: &RunRecord) -> Vec<Verdict> {
     let want = |n: &str| all || record.checkers.iter().any(|c| c == n);
     let mut out = Vec::new();
     if want("convergence") {
-        out.push(convergence::check(o));
+        out.push(convergence::check_linked(o, &record.links));
     }
     if want("telemetry") {
         out.push(with_unobserved(telemetry::check(o), o));
