@@ -613,6 +613,27 @@ fn audit_from_log(e: crate::audit::AuditEntry) -> AuditRecord {
 }
 
 impl FleetData for StoreFleet {
+    fn doc_heads(&self) -> Vec<crate::api::data::DocHeads> {
+        self.store
+            .list()
+            .into_iter()
+            .map(|id| {
+                let mut heads: Vec<String> = self
+                    .store
+                    .heads(&id)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect();
+                heads.sort();
+                crate::api::data::DocHeads {
+                    doc: id.to_string(),
+                    heads,
+                }
+            })
+            .collect()
+    }
+
     fn sites(&self) -> Vec<SiteRecord> {
         let mut out: BTreeMap<(TenantId, SiteId), SiteRecord> = BTreeMap::new();
         for id in self.store.list() {

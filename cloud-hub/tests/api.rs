@@ -1197,3 +1197,18 @@ fn api_audit_entries_map_onto_the_signed_audit_log() {
         json!({"tenant": "acme", "site": "s1", "details": {"acked_by": "carol"}})
     );
 }
+
+#[tokio::test]
+async fn document_heads_are_for_admins_only() {
+    let f = fx();
+    let (s, v) = get(&f.app, "/api/v1/sync/heads", &f.admin).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["count"], 0, "the memory fleet holds no documents");
+    assert!(v["documents"].as_array().is_some(), "{v}");
+    for token in [&f.analyst, &f.operator] {
+        let (s, v) = get(&f.app, "/api/v1/sync/heads", token).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    }
+    let (s, _) = get(&f.app, "/api/v1/sync/heads?x=1", &f.admin).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+}

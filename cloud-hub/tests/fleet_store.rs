@@ -323,3 +323,25 @@ fn rollouts_survive_a_reopen() {
     let f = fleet(store).with_data_dir(dir.path()).unwrap();
     assert_eq!(f.rollouts(), vec![r]);
 }
+
+#[test]
+fn doc_heads_are_the_stores_heads_for_every_document() {
+    let store = Arc::new(DocStore::in_memory(NodeKey::from_bytes([5; 32])));
+    add_device(&store, "pump-1");
+    add_device(&store, "pump-2");
+    let f = fleet(store.clone());
+    let heads = f.doc_heads();
+    assert_eq!(heads.len(), store.list().len());
+    for h in &heads {
+        let id: DocId = h.doc.parse().unwrap();
+        let mut want: Vec<String> = store
+            .heads(&id)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        want.sort();
+        assert!(!want.is_empty(), "{}", h.doc);
+        assert_eq!(h.heads, want, "{}", h.doc);
+    }
+}

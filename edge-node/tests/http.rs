@@ -316,6 +316,17 @@ async fn metrics_health_ui_conflicts_and_acks() {
     let (s, b) = req(a, "GET", "/api/sync", None).await;
     assert_eq!(s, 200);
     assert_eq!(json(&b)["peers"].as_array().unwrap().len(), 0);
+    let (s, b) = req(a, "GET", "/api/sync/heads", None).await;
+    assert_eq!(s, 200, "{b}");
+    let heads = json(&b);
+    let docs = heads["documents"].as_array().unwrap();
+    assert_eq!(heads["count"].as_u64().unwrap() as usize, docs.len());
+    assert!(
+        docs.iter()
+            .any(|d| d["doc"].as_str().unwrap().contains("/dev/")
+                && !d["heads"].as_array().unwrap().is_empty()),
+        "the edge's device documents with their heads: {b}"
+    );
     let (s, _) = req(a, "GET", "/api/loops", None).await;
     assert_eq!(s, 200);
     let (s, _) = req(a, "GET", "/api/commands", None).await;

@@ -217,6 +217,20 @@ pub trait FleetData: Send + Sync + 'static {
     fn append_audit(&self, e: AuditEntry) -> Result<AuditRecord, DataError>;
     /// All audit records, ascending by `seq`.
     fn audit(&self) -> Vec<AuditRecord>;
+    /// The heads of every document this hub holds, by id (for convergence
+    /// checks). An implementation without documents has none.
+    fn doc_heads(&self) -> Vec<DocHeads> {
+        Vec::new()
+    }
+}
+
+/// One document's heads (automerge change hashes, hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocHeads {
+    /// Document id.
+    pub doc: String,
+    /// Its heads, sorted.
+    pub heads: Vec<String>,
 }
 
 #[derive(Debug, Default)]

@@ -254,6 +254,22 @@ pub(crate) async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
 
+/// Every document's heads; admin only (ids span every tenant).
+pub(crate) async fn sync_heads(
+    State(st): State<ApiState>,
+    caller: Caller,
+    p: Params,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    p.finish()?;
+    if !matches!(caller.scope, Scope::Admin) {
+        return Err(ApiError::forbidden("document heads (admin only)"));
+    }
+    let docs = st.data.doc_heads();
+    Ok(Json(
+        serde_json::json!({ "count": docs.len(), "documents": docs }),
+    ))
+}
+
 pub(crate) async fn list_sites(
     State(st): State<ApiState>,
     caller: Caller,

@@ -254,6 +254,7 @@ pub fn router_with_routes(state: ApiState) -> (Router, Vec<RouteInfo>) {
         post(h::abort_rollout),
     )
     .add("/api/v1/audit", &["GET"], get(h::list_audit))
+    .add("/api/v1/sync/heads", &["GET"], get(h::sync_heads))
     .add("/api/v1/events", &["GET"], get(h::events));
     let router = r
         .router

@@ -99,6 +99,7 @@ pub fn router(state: Arc<NodeState>, extra: Option<Router>) -> Router {
         .route("/api/alarms/{id}/ack", post(ack))
         .route("/api/commands", get(commands))
         .route("/api/sync", get(sync))
+        .route("/api/sync/heads", get(sync_heads))
         .route("/api/rollups/local", get(local_rollups))
         .with_state(state);
     let app = match extra {
@@ -385,6 +386,28 @@ async fn commands(State(s): State<Arc<NodeState>>) -> Json<Value> {
         }
     }
     Json(Value::Array(out))
+}
+
+/// The heads of every document this edge holds (sorted hex change hashes),
+/// so a test harness can compare replicas while the fleet runs.
+async fn sync_heads(State(s): State<Arc<NodeState>>) -> Json<Value> {
+    let docs: Vec<Value> = s
+        .store
+        .list()
+        .into_iter()
+        .map(|id| {
+            let mut heads: Vec<String> = s
+                .store
+                .heads(&id)
+                .unwrap_or_default()
+                .iter()
+                .map(|h| h.to_string())
+                .collect();
+            heads.sort();
+            json!({ "doc": id.to_string(), "heads": heads })
+        })
+        .collect();
+    Json(json!({ "count": docs.len(), "documents": docs }))
 }
 
 async fn sync(State(s): State<Arc<NodeState>>) -> Json<Value> {
