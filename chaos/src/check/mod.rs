@@ -198,8 +198,15 @@ pub struct Observations {
     pub nodes: Vec<NodeInfo>,
     /// Tenants and their regions.
     pub tenants: Vec<TenantSpec>,
-    /// Heads of every replica of every document.
+    /// Heads of every replica of every document: what convergence judges.
+    /// A fleet runner takes them from the live nodes once the fleet is
+    /// quiet ([`crate::fleet::run::Fleet::wait_quiescent`]).
     pub replicas: Vec<ReplicaHeads>,
+    /// Heads read from each store after the nodes stopped, for the record:
+    /// a write during a staggered shutdown (an alarm, a last state report)
+    /// may reach some peers and not others, so these can differ from
+    /// `replicas` without any sync fault.
+    pub stored_replicas: Vec<ReplicaHeads>,
     /// Rollup window the edges used.
     pub rollup_window_ms: i64,
     /// Every hub's telemetry rollups.

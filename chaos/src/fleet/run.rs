@@ -163,6 +163,8 @@ pub struct Fleet {
     devices: BTreeMap<String, testbed::fleet::RunningFleet>,
     keys: BTreeMap<String, EndpointKey>,
     admin_token: Option<String>,
+    /// Every hub's admin token, by node name.
+    admin_tokens: BTreeMap<String, String>,
     start: Instant,
     record: RunRecord,
     /// Open fault windows per (link, direction): since, counters then.
@@ -171,6 +173,9 @@ pub struct Fleet {
     clock_skewed: std::collections::BTreeSet<String>,
     /// Reconnect floods running beside the timeline: process, handle.
     floods: Vec<(String, tokio::task::JoinHandle<super::flood::FloodCounts>)>,
+    /// Live heads of every node's documents from the last quiescence poll
+    /// (convergence judges these, see [`Fleet::wait_quiescent`]).
+    live_replicas: Option<Vec<ReplicaHeads>>,
     /// The nodes' network namespaces; declared last, so on drop the
     /// processes above are killed before the namespaces are deleted.
     netns: Option<NetnsSet>,
@@ -381,9 +386,11 @@ impl Fleet {
             edge_cfgs.push((n.name.clone(), cfg));
         }
         check_routing(&plan, &edge_cfgs, &hub_cfgs)?;
-        // An admin token for the hub API (first regional hub).
-        let admin_token = match plan.nodes.iter().find(|n| n.is_hub()) {
-            Some(h) => run_helper(
+        // An admin token for each hub's API; the first hub's drives the
+        // scenario's hub API steps, all of them answer live heads.
+        let mut admin_tokens = BTreeMap::new();
+        for h in plan.nodes.iter().filter(|n| n.is_hub()) {
+            match run_helper(
                 &h.name,
                 &opts.hub_bin,
                 &[
@@ -398,11 +405,23 @@ impl Fleet {
                 opts.call_timeout,
             )
             .await
-            .map(|t| t.lines().last().unwrap_or("").trim().to_string())
-            .map_err(|e| tracing::warn!(error = %e, "no admin token: hub API steps will fail"))
-            .ok(),
-            None => None,
-        };
+            {
+                Ok(t) => {
+                    admin_tokens.insert(
+                        h.name.clone(),
+                        t.lines().last().unwrap_or("").trim().to_string(),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(hub = %h.name, error = %e, "no admin token: its API steps and live heads will fail")
+                }
+            }
+        }
+        let admin_token = plan
+            .nodes
+            .iter()
+            .find(|n| n.is_hub())
+            .and_then(|h| admin_tokens.get(&h.name).cloned());
         let mut record = RunRecord::from_scenario(s);
         record.observations.downtime.clear();
         let mut fleet = Fleet {
@@ -415,11 +434,13 @@ impl Fleet {
             devices,
             keys,
             admin_token,
+            admin_tokens,
             start: Instant::now(),
             record,
             windows: BTreeMap::new(),
             clock_skewed: super::clock::skewed_nodes(s),
             floods: Vec::new(),
+            live_replicas: None,
             netns,
         };
         let names: Vec<String> = fleet.plan.nodes.iter().map(|n| n.name.clone()).collect();
@@ -984,6 +1005,26 @@ impl Fleet {
                 };
                 all &= quiet;
             }
+            // Quiet links are not enough: the replicas that can reach each
+            // other must hold the same heads, read live from every node.
+            if all {
+                match self.live_heads().await {
+                    Ok(reps) => {
+                        let o = crate::check::Observations {
+                            nodes: self.record.observations.nodes.clone(),
+                            replicas: reps.clone(),
+                            ..Default::default()
+                        };
+                        let v = crate::check::convergence::check_linked(&o, &self.record.links);
+                        all = v.status == crate::check::Status::Pass;
+                        self.live_replicas = Some(reps);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "live heads");
+                        all = false;
+                    }
+                }
+            }
             if all {
                 streak += 1;
                 quiet_since.get_or_insert(self.now_ms());
@@ -997,6 +1038,56 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         None
+    }
+
+    /// Every running node's document heads, from its HTTP API (edges:
+    /// `/api/sync/heads`; hubs: `/api/v1/sync/heads` with the admin token).
+    pub async fn live_heads(&self) -> Result<Vec<ReplicaHeads>, String> {
+        let mut out = Vec::new();
+        for n in &self.plan.nodes {
+            let addr = self
+                .http
+                .get(&n.name)
+                .ok_or_else(|| format!("{}: no HTTP address", n.name))?;
+            let (path, token) = if n.is_hub() {
+                let t = self
+                    .admin_tokens
+                    .get(&n.name)
+                    .map(String::as_str)
+                    .ok_or_else(|| format!("{}: no admin token for the hub API", n.name))?;
+                ("/api/v1/sync/heads", Some(t))
+            } else {
+                ("/api/sync/heads", None)
+            };
+            let r = http::request("GET", *addr, path, token, None, self.opts.call_timeout)
+                .await
+                .map_err(|e| format!("{}: {e}", n.name))?;
+            if !r.ok() {
+                return Err(format!("{}: {path}: HTTP {}: {}", n.name, r.status, r.body));
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&r.body).map_err(|e| format!("{}: {path}: {e}", n.name))?;
+            let docs = v
+                .get("documents")
+                .and_then(|d| d.as_array())
+                .ok_or_else(|| format!("{}: {path}: no documents list", n.name))?;
+            for d in docs {
+                let doc = d.get("doc").and_then(|x| x.as_str());
+                let heads = d.get("heads").and_then(|x| x.as_array());
+                let (Some(doc), Some(heads)) = (doc, heads) else {
+                    return Err(format!("{}: {path}: malformed entry {d}", n.name));
+                };
+                out.push(ReplicaHeads {
+                    node: n.name.clone(),
+                    doc: doc.to_string(),
+                    heads: heads
+                        .iter()
+                        .filter_map(|h| h.as_str().map(str::to_string))
+                        .collect(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Stop every simulated device server (the writers' source).
@@ -1069,10 +1160,16 @@ impl Fleet {
                 Err(e) => tracing::warn!(node = %n.name, error = %e, "no local rollups"),
             }
             match read_heads(n) {
-                Ok(reps) => self.record.observations.replicas.extend(reps),
+                Ok(reps) => self.record.observations.stored_replicas.extend(reps),
                 Err(e) => tracing::warn!(node = %n.name, error = %e, "no replica heads"),
             }
         }
+        // Convergence judges the live heads of the quiet fleet; the stores'
+        // heads after the stop only if the live ones could not be read.
+        self.record.observations.replicas = match self.live_replicas.take() {
+            Some(live) => live,
+            None => self.record.observations.stored_replicas.clone(),
+        };
         // Rollups, acknowledged samples, command executions, loop ticks and
         // holdings, from the stopped nodes' files.
         let files: Vec<_> = self
