@@ -144,6 +144,29 @@ async fn bad_input_gets_clear_json_errors() {
     assert_error(s, &b, 404, "unknown_device");
     let (s, b) = req(a, "GET", "/api/devices/pump-9", None).await;
     assert_error(s, &b, 404, "unknown_device");
+    // A device of another edge of the same site (its document is here):
+    // its desired config may be edited from this edge.
+    let cfg = &node.state().cfg;
+    let other = DocId::device_doc(
+        &cfg.node.tenant,
+        &cfg.node.site,
+        &DeviceId::new("pump-9").unwrap(),
+    );
+    node.state()
+        .store
+        .change(&other, schemas::time::Timestamp(1_800_000_000_000), |d| {
+            sync_core::docs::device::set_desired(d, "setpoint", &FieldValue::Number(3.0))
+        })
+        .unwrap();
+    let (s, b) = req(
+        a,
+        "PUT",
+        "/api/devices/pump-9/desired/high_limit",
+        Some((ct, "{\"value\": 5}")),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(json(&b)["desired"]["effective"], 5.0, "{b}");
     let (s, b) = req(a, "GET", "/api/devices/NOT%20AN%20ID", None).await;
     assert_error(s, &b, 400, "invalid_device_id");
     let (s, b) = req(

@@ -140,6 +140,27 @@ fn parse_device(s: &NodeState, id: &str) -> ApiResult<DeviceId> {
     Ok(d)
 }
 
+/// A device of this edge, or of another edge of the same site whose device
+/// document this edge holds: desired config is a site document, so an
+/// operator at any edge of the site may edit it (the edge that polls the
+/// device applies it once the edit syncs, even across a partition).
+fn parse_site_device(s: &NodeState, id: &str) -> ApiResult<DeviceId> {
+    let d = DeviceId::new(id)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_device_id", e.to_string()))?;
+    if s.cfg.device(&d).is_some()
+        || s.store
+            .contains(&DocId::device_doc(&s.cfg.node.tenant, &s.cfg.node.site, &d))
+    {
+        return Ok(d);
+    }
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_device",
+        format!("device {id:?} is neither configured on this edge nor known in its site"),
+    )
+    .details(json!({"known": s.cfg.devices.iter().map(|d| d.id.as_str()).collect::<Vec<_>>()})))
+}
+
 fn device_json(s: &NodeState, id: &DeviceId) -> ApiResult<Value> {
     let cfg = s
         .cfg
@@ -217,7 +238,7 @@ async fn put_desired(
     Path((id, field)): Path<(String, String)>,
     body: Result<Json<DesiredBody>, JsonRejection>,
 ) -> ApiResult<Json<Value>> {
-    let id = parse_device(&s, &id)?;
+    let id = parse_site_device(&s, &id)?;
     let Some(spec) = schemas::device::field_spec(&field) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
