@@ -3,9 +3,11 @@
 //! execution, on the same edge after a restart or on another edge, is a
 //! violation), and nothing is executed that no client issued.
 //!
-//! Issued ids are the `id` fields of `command` invocations in the history.
-//! When the history records no command at all, the second rule is not
-//! applied (the run did not record issuance).
+//! Issued ids are the `id` fields of `command` invocations in the history,
+//! and the `command_id` of any completed operation (the id a hub assigned
+//! when a client's key was only an idempotency key). When the history
+//! records no command at all, the second rule is not applied (the run did
+//! not record issuance).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +25,12 @@ pub fn check(history: &History, o: &Observations) -> Verdict {
                 .and_then(|v| v.as_str())
                 .map(str::to_string)
         })
+        .chain(history.ops.iter().filter_map(|op| {
+            op.value
+                .get("command_id")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        }))
         .collect();
     if issued.is_empty() && o.command_executions.is_empty() {
         return Verdict::unknown("commands", "no command was issued or executed");
@@ -129,5 +137,22 @@ mod tests {
             check(&History::default(), &Observations::default()).status,
             Status::Unknown
         );
+    }
+
+    #[test]
+    fn a_hub_assigned_id_counts_as_issued() {
+        let mut h = issued(&["key-1"]);
+        h.push(
+            "hub-eu/api",
+            OpType::Ok,
+            "command",
+            json!({"status": 201, "command_id": "cmd-9f"}),
+            5,
+        );
+        let mut o = Observations::default();
+        o.command_executions = vec![ex("e", "cmd-9f", 7)];
+        assert_eq!(check(&h, &o).status, Status::Pass);
+        o.command_executions.push(ex("e", "cmd-other", 8));
+        assert_eq!(check(&h, &o).status, Status::Fail);
     }
 }

@@ -717,7 +717,11 @@ impl Fleet {
                         None => Err(format!("{node} is down")),
                     }
                 };
-                self.complete(&process, "edit-config", r);
+                if is_hub {
+                    self.complete_command(&process, "edit-config", r);
+                } else {
+                    self.complete(&process, "edit-config", r);
+                }
             }
             Action::Command {
                 from,
@@ -747,7 +751,7 @@ impl Fleet {
                                    "reason": "chaos command"}),
                         )
                         .await;
-                    self.complete(&process, "command", r);
+                    self.complete_command(&process, "command", r);
                 }
             }
             Action::DeviceFault { device, fault, .. } => {
@@ -906,6 +910,31 @@ impl Fleet {
                 ),
             }
         }
+    }
+
+    /// Like [`Fleet::complete`] for a hub `POST /api/v1/commands`: an ok
+    /// answer's `command.id` (the id the hub assigned, which the edges
+    /// execute under) goes into the history as `command_id`, so the
+    /// commands checker knows it was issued.
+    fn complete_command(&mut self, process: &str, f: &str, r: Result<http::Response, String>) {
+        if let Ok(resp) = &r
+            && resp.ok()
+        {
+            let id = serde_json::from_str::<serde_json::Value>(&resp.body)
+                .ok()
+                .and_then(|v| {
+                    v.pointer("/command/id")
+                        .and_then(|i| i.as_str())
+                        .map(str::to_string)
+                });
+            let v = match id {
+                Some(id) => json!({"status": resp.status, "command_id": id}),
+                None => json!({"status": resp.status, "body": resp.body}),
+            };
+            self.history(process, OpType::Ok, f, v);
+            return;
+        }
+        self.complete(process, f, r);
     }
 
     fn complete(&mut self, process: &str, f: &str, r: Result<http::Response, String>) {
