@@ -594,6 +594,32 @@ devices_per_edge = 2
                     panic!("{}: {}: {field}: {why}", file.display(), n.name);
                 }
             }
+            // A command must name a writable holding register of the
+            // simulated device it targets, or the edge refuses it and
+            // at-most-once is never exercised.
+            for ta in &s.timeline {
+                let crate::scenario::Action::Command {
+                    device, register, ..
+                } = &ta.action
+                else {
+                    continue;
+                };
+                let (_, d) = plan.device(device).unwrap();
+                let map = testbed::maps::register_map(d.kind);
+                let spec = map.registers.iter().find(|r| &r.name == register);
+                assert!(
+                    spec.is_some_and(
+                        |r| r.function == schemas::registers::RegisterFunction::Holding
+                    ),
+                    "{}: command on {device} ({:?}): {register:?} is not a holding register of it; it has {:?}",
+                    file.display(),
+                    d.kind,
+                    map.registers
+                        .iter()
+                        .map(|r| (&r.name, r.function))
+                        .collect::<Vec<_>>()
+                );
+            }
         }
     }
 
