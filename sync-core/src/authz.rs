@@ -183,11 +183,7 @@ impl Authz {
         let Some(author) = key_of_actor(actor) else {
             return Err(format!("actor {actor} is not bound to a node key"));
         };
-        if !crate::identity::verify(
-            &author,
-            &crate::store::change_sign_payload(&change.hash()),
-            sig,
-        ) {
+        if !verified_signature(&author, &change.hash(), sig) {
             return Err(format!(
                 "signature of change by {} does not verify: forged or corrupted",
                 author.short()
@@ -218,6 +214,47 @@ impl Authz {
         }
         Ok(())
     }
+}
+
+/// Signatures verified on this thread, by (author key, change hash,
+/// signature). Only successes are kept, and a hit requires the identical
+/// triple, so a hit proves exactly what a fresh verification would: the
+/// hash is computed by automerge from the change's bytes when they are
+/// decoded (never taken from the wire), the author is read off the actor id
+/// inside those bytes, and a different signature misses. In one process
+/// holding many nodes (the simulator: every change verified by each other
+/// node) this turns N-1 verifications of a change into one; a single node
+/// mostly misses, at the cost of one set lookup.
+const VERIFIED_CAPACITY: usize = 16_384;
+
+type VerifiedKey = ([u8; 32], [u8; 32], [u8; 64]);
+
+thread_local! {
+    static VERIFIED: std::cell::RefCell<std::collections::HashSet<VerifiedKey>> =
+        std::cell::RefCell::new(std::collections::HashSet::new());
+}
+
+/// Whether `sig` is `author`'s signature of the change `hash`
+/// ([`crate::store::change_sign_payload`]), verified at most once per
+/// thread for the same triple.
+fn verified_signature(author: &EndpointKey, hash: &automerge::ChangeHash, sig: &[u8; 64]) -> bool {
+    let key: VerifiedKey = (author.0, hash.0, *sig);
+    if VERIFIED.with(|c| c.borrow().contains(&key)) {
+        return true;
+    }
+    if !crate::identity::verify(author, &crate::store::change_sign_payload(hash), sig) {
+        return false;
+    }
+    VERIFIED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= VERIFIED_CAPACITY {
+            // Bounded memory; entries are only a shortcut, so dropping
+            // them all costs re-verification, never a wrong answer.
+            c.clear();
+        }
+        c.insert(key);
+    });
+    true
 }
 
 #[cfg(test)]
@@ -299,5 +336,26 @@ mod tests {
         assert!(!r.in_scope(&g.local, &d("t/acme/s/s1/dev/p")));
         assert!(!r.in_scope(&g.local, &d("fleet/identity")));
         assert!(g.may_connect(&edge(2, "acme", "s1")).is_err());
+    }
+
+    #[test]
+    fn the_verification_cache_reuses_only_the_identical_triple() {
+        let k1 = crate::identity::NodeKey::from_bytes([7; 32]);
+        let k2 = crate::identity::NodeKey::from_bytes([8; 32]);
+        let (a1, a2) = (k1.public(), k2.public());
+        let h = automerge::ChangeHash([3; 32]);
+        let good = k1.sign(&crate::store::change_sign_payload(&h));
+        assert!(verified_signature(&a1, &h, &good));
+        // Now cached: a hit for the same triple, misses (and fresh, failing
+        // verifications) for anything else.
+        assert!(verified_signature(&a1, &h, &good));
+        let mut forged = good;
+        forged[0] ^= 1;
+        assert!(!verified_signature(&a1, &h, &forged));
+        assert!(!verified_signature(&a2, &h, &good), "another author");
+        let other = automerge::ChangeHash([4; 32]);
+        assert!(!verified_signature(&a1, &other, &good), "another change");
+        // Failures are not cached.
+        assert!(!verified_signature(&a1, &h, &forged));
     }
 }

@@ -5,7 +5,9 @@
 //! restarts. A run has a safety phase with faults and concurrent edits, then a
 //! liveness phase without faults that must converge by a deadline.
 //!
-//! Everything is driven by one seed: a failing seed replays exactly.
+//! Everything is driven by one seed: a failing seed replays exactly, and
+//! [`SimReport::trace`] (a digest of every fault, edit, frame and the final
+//! heads) shows that a replay is the same run, not merely the same counts.
 //! Exported behind the `test-utils` feature for `chaos`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -93,7 +95,7 @@ struct Link {
 }
 
 /// Outcome of one seed.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimReport {
     pub seed: u64,
     pub converged_at_ms: Option<u64>,
@@ -101,6 +103,10 @@ pub struct SimReport {
     pub crashes: usize,
     pub frames: u64,
     pub refused: u64,
+    /// BLAKE3 of the run's trace: every fault and restart, every edit, every
+    /// frame sent (time, link, side, plane, bytes) and the final heads of
+    /// every replica. Equal digests mean the same run, byte for byte.
+    pub trace: [u8; 32],
 }
 
 /// One simulated fleet: a hub and `edges` edges of one site.
@@ -118,6 +124,7 @@ pub struct Sim {
     frames: u64,
     refused: u64,
     limits: Vec<String>,
+    trace: blake3::Hasher,
 }
 
 const EPOCH_MS: i64 = 1_800_000_000_000;
@@ -189,6 +196,7 @@ impl Sim {
             frames: 0,
             refused: 0,
             limits: Vec::new(),
+            trace: blake3::Hasher::new(),
             cfg,
         };
         for (i, (info, key)) in infos.into_iter().enumerate() {
@@ -242,6 +250,17 @@ impl Sim {
 
     fn ts(&self) -> Timestamp {
         Timestamp(EPOCH_MS + self.now_ms as i64)
+    }
+
+    /// Record an event of the run in the trace digest: a tag, the virtual
+    /// time, and the event's parts (each length-prefixed).
+    fn trace(&mut self, tag: &[u8; 4], parts: &[&[u8]]) {
+        self.trace.update(tag);
+        self.trace.update(&self.now_ms.to_le_bytes());
+        for p in parts {
+            self.trace.update(&(p.len() as u64).to_le_bytes());
+            self.trace.update(p);
+        }
     }
 
     /// A random local edit at node `n`, as its role allows.
@@ -301,10 +320,14 @@ impl Sim {
         if let Err(e) = res {
             panic!("edit failed at node {n}: {e}");
         }
+        let heads = self.nodes[n].store.heads(&doc).unwrap_or_default();
+        let heads: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
+        self.trace(b"edit", &[&[n as u8], doc.to_string().as_bytes(), &heads]);
         self.edits += 1;
     }
 
     fn flush(&mut self, n: usize) {
+        self.trace(b"flsh", &[&[n as u8]]);
         let node = &mut self.nodes[n];
         if let Err(e) = node.store.flush() {
             panic!("flush failed: {e}");
@@ -317,6 +340,7 @@ impl Sim {
     }
 
     fn crash(&mut self, n: usize) {
+        self.trace(b"crsh", &[&[n as u8]]);
         self.nodes[n].storage.crash();
         self.nodes[n].alive = false;
         self.crashes += 1;
@@ -329,6 +353,7 @@ impl Sim {
     }
 
     fn restart(&mut self, n: usize) {
+        self.trace(b"rstr", &[&[n as u8]]);
         let storage = self.nodes[n].storage.clone();
         let key = self.nodes[n].key.clone();
         let store = self.open_store(&storage, &key);
@@ -359,6 +384,7 @@ impl Sim {
             now,
         );
         let sb = Session::new(cfg, nb.authz.clone(), dir, na.info.clone(), &nb.store, now);
+        self.trace(b"conn", &[&[li as u8]]);
         let l = &mut self.links[li];
         l.sessions = Some((sa, sb));
         l.wire.clear();
@@ -366,6 +392,9 @@ impl Sim {
     }
 
     fn drop_conn(&mut self, li: usize) {
+        if self.links[li].sessions.is_some() {
+            self.trace(b"drop", &[&[li as u8]]);
+        }
         self.links[li].sessions = None;
         self.links[li].wire.clear();
     }
@@ -429,6 +458,12 @@ impl Sim {
                     l.last_due[side][t.plane as usize] = due;
                     let is_sync = t.bytes.get(4) == Some(&4);
                     let dup = faults && is_sync && self.rng.random_bool(self.cfg.p_dup);
+                    self.trace.update(b"send");
+                    self.trace.update(&due.to_le_bytes());
+                    self.trace
+                        .update(&[li as u8, side as u8, t.plane as u8, u8::from(dup)]);
+                    self.trace.update(&(t.bytes.len() as u64).to_le_bytes());
+                    self.trace.update(&t.bytes);
                     if dup {
                         l.wire.push_back((due, to, t.plane, t.bytes.clone()));
                     }
@@ -514,12 +549,27 @@ impl Sim {
                     if !m.authz.may_hold(doc) {
                         continue;
                     }
+                    // Which of the acknowledged heads `m` lacks, by the change
+                    // graph (a set lookup per hash) rather than rebuilding
+                    // each change (`get_change_by_hash`). A hash that is only
+                    // queued (waiting for dependencies) is not reported
+                    // itself, but then its missing dependency is, so the
+                    // list is empty exactly when every head is applied.
+                    let missing = m
+                        .store
+                        .read(doc, |d| ReadDoc::get_missing_deps(d, heads))
+                        .ok()
+                        .flatten();
                     for h in heads {
-                        let has = m
-                            .store
-                            .read(doc, |d| ReadDoc::get_change_by_hash(d, h).is_some())
-                            .ok()
-                            .flatten();
+                        let has = missing.as_ref().map(|missing| {
+                            missing.is_empty()
+                                || (!missing.contains(h)
+                                    && m.store
+                                        .read(doc, |d| ReadDoc::get_missing_deps(d, &[*h]))
+                                        .ok()
+                                        .flatten()
+                                        .is_some_and(|v| v.is_empty()))
+                        });
                         if has != Some(true) {
                             return Err(format!(
                                 "{doc}: change {h} acknowledged by node {i} is missing at node {}",
@@ -533,8 +583,30 @@ impl Sim {
         Ok(())
     }
 
+    /// Every replica's heads, per document a node may hold: `(node index
+    /// (0 = hub), document, heads)`. For convergence evidence (chaos).
+    pub fn replica_heads(&self) -> Vec<(usize, DocId, Vec<ChangeHash>)> {
+        let mut out = Vec::new();
+        for doc in &self.docs {
+            for (i, n) in self.nodes.iter().enumerate() {
+                if n.authz.may_hold(doc) {
+                    let mut h = n.store.heads(doc).unwrap_or_default();
+                    h.sort();
+                    out.push((i, doc.clone(), h));
+                }
+            }
+        }
+        out
+    }
+
     /// Run the safety phase then the liveness phase.
     pub fn run(mut self, seed: u64) -> Result<SimReport, String> {
+        self.run_mut(seed)
+    }
+
+    /// [`Sim::run`] without consuming the simulator, so a failing (or
+    /// passing) run can be inspected afterwards ([`Sim::replica_heads`]).
+    pub fn run_mut(&mut self, seed: u64) -> Result<SimReport, String> {
         // Safety phase: faults and concurrent edits.
         for _ in 0..self.cfg.steps {
             self.now_ms += self.cfg.step_ms;
@@ -559,9 +631,11 @@ impl Sim {
                 if self.links[li].partitioned {
                     if self.rng.random_bool(self.cfg.p_heal) {
                         self.links[li].partitioned = false;
+                        self.trace(b"heal", &[&[li as u8]]);
                     }
                 } else if self.rng.random_bool(self.cfg.p_partition) {
                     self.links[li].partitioned = true;
+                    self.trace(b"part", &[&[li as u8]]);
                 } else if self.rng.random_bool(self.cfg.p_drop_conn) {
                     self.drop_conn(li);
                 }
@@ -588,6 +662,16 @@ impl Sim {
             if quiet {
                 match self.check_converged() {
                     Ok(()) => {
+                        for doc in self.docs.clone() {
+                            for n in 0..self.nodes.len() {
+                                let heads = self.nodes[n].store.heads(&doc).unwrap_or_default();
+                                let heads: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
+                                self.trace(
+                                    b"head",
+                                    &[&[n as u8], doc.to_string().as_bytes(), &heads],
+                                );
+                            }
+                        }
                         return Ok(SimReport {
                             seed,
                             converged_at_ms: Some(self.now_ms),
@@ -595,6 +679,7 @@ impl Sim {
                             crashes: self.crashes,
                             frames: self.frames,
                             refused: self.refused,
+                            trace: *self.trace.finalize().as_bytes(),
                         });
                     }
                     Err(e) => last_err = e,
