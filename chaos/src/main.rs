@@ -133,8 +133,11 @@ enum Cmd {
     /// child processes behind one relay per node pair), then check it and
     /// write run.json and the report into --out.
     Run {
-        /// The scenario file.
-        scenario: PathBuf,
+        /// Scenario files, or directories of them (every `*.toml`, by
+        /// name). With more than one, each runs in turn into
+        /// `OUT/<file stem>/` and a summary table ends the output.
+        #[arg(required = true)]
+        scenario: Vec<PathBuf>,
         /// Output directory (node directories, logs, run.json, report).
         #[arg(long)]
         out: PathBuf,
@@ -242,7 +245,7 @@ fn main() -> ExitCode {
             };
             match (can, tokio::runtime::Runtime::new()) {
                 (Err(e), _) => Err(e),
-                (Ok(()), Ok(rt)) => rt.block_on(run_fleet(scenario, out, opts)),
+                (Ok(()), Ok(rt)) => rt.block_on(run_fleets(scenario, out, opts)),
                 (Ok(()), Err(e)) => Err(anyhow::Error::from(e).context("start the tokio runtime")),
             }
         }
@@ -603,6 +606,81 @@ fn run_sim(a: SimArgs) -> anyhow::Result<u8> {
     }
     println!("sim: all {} seeds passed", summary.run);
     Ok(0)
+}
+
+/// Run one scenario, or several in turn (each into `out/<stem>`), and
+/// summarise; the exit code is the worst of them.
+async fn run_fleets(
+    paths: Vec<PathBuf>,
+    out: PathBuf,
+    opts: chaos::fleet::run::RunOptions,
+) -> anyhow::Result<u8> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(&p)
+                .with_context(|| format!("read {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            in_dir.sort();
+            if in_dir.is_empty() {
+                anyhow::bail!("{}: no *.toml scenario files", p.display());
+            }
+            files.extend(in_dir);
+        } else {
+            files.push(p);
+        }
+    }
+    if let [one] = files.as_slice() {
+        return run_fleet(one.clone(), out, opts).await;
+    }
+    let mut results = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let stem = f
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("scenario-{i}"));
+        let dir = out.join(&stem);
+        let mut o = opts.clone();
+        o.root = dir.join("fleet");
+        println!("== [{}/{}] {}", i + 1, files.len(), f.display());
+        let t = std::time::Instant::now();
+        let code = match run_fleet(f.clone(), dir.clone(), o).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {}: {e:#}", f.display());
+                2
+            }
+        };
+        results.push((stem, code, t.elapsed(), dir));
+    }
+    println!(
+        "\n{:<40} {:<8} {:>7}  report",
+        "scenario", "verdict", "time"
+    );
+    for (stem, code, took, dir) in &results {
+        let verdict = match code {
+            0 => "pass",
+            1 => "FAIL",
+            _ => "UNKNOWN",
+        };
+        println!(
+            "{stem:<40} {verdict:<8} {:>6.0}s  {}",
+            took.as_secs_f64(),
+            dir.join("report").display()
+        );
+    }
+    let passed = results.iter().filter(|r| r.1 == 0).count();
+    println!("{passed} of {} scenarios passed", results.len());
+    // A failure outranks an unknown: 1 if any failed, else 2 if any could
+    // not be judged, else 0.
+    let codes: Vec<u8> = results.iter().map(|r| r.1).collect();
+    Ok(if codes.contains(&1) {
+        1
+    } else {
+        codes.into_iter().max().unwrap_or(0)
+    })
 }
 
 async fn run_fleet(

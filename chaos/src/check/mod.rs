@@ -593,6 +593,20 @@ impl Verdict {
     }
 }
 
+impl Verdict {
+    /// A vacuous pass: the invariant holds because the run gave it nothing
+    /// to hold for (no partition to leak through, no command to repeat).
+    /// The summary says so; this is not "could not observe" ([`Status::Unknown`]).
+    pub(crate) fn vacuous(checker: &str, why: &str) -> Self {
+        Verdict {
+            checker: checker.to_string(),
+            status: Status::Pass,
+            summary: format!("vacuous: {why}"),
+            evidence: Vec::new(),
+        }
+    }
+}
+
 /// Run the requested checkers (all when `record.checkers` is empty).
 pub fn run_checks(record: &RunRecord) -> Vec<Verdict> {
     let o = &record.observations;
@@ -607,7 +621,19 @@ pub fn run_checks(record: &RunRecord) -> Vec<Verdict> {
         out.push(with_unobserved(telemetry::check(o), o));
     }
     if want("commands") {
-        out.push(with_unobserved(commands::check(&record.history, o), o));
+        let issued = record
+            .history
+            .ops
+            .iter()
+            .any(|op| op.f == "command" || op.value.get("command_id").is_some());
+        if !issued && o.command_executions.is_empty() && record.checkers.is_empty() {
+            out.push(Verdict::vacuous(
+                "commands",
+                "the scenario issued no command and none was executed",
+            ));
+        } else {
+            out.push(with_unobserved(commands::check(&record.history, o), o));
+        }
     }
     if want("liveness") {
         out.push(with_unobserved(liveness::check(o, tol), o));
@@ -620,7 +646,13 @@ pub fn run_checks(record: &RunRecord) -> Vec<Verdict> {
     }
     // Only fleet runs measure relays; a record without windows has nothing
     // to say here (not even unknown).
-    if !record.relay_windows.is_empty() {
+    let cuts = record.faults.iter().any(|f| f.kind == "partition");
+    if !record.relay_windows.is_empty() && !cuts {
+        out.push(Verdict::vacuous(
+            "isolation",
+            "the scenario cuts no link, so there is no partition to leak through",
+        ));
+    } else if !record.relay_windows.is_empty() {
         out.push(isolation::check(
             &record.relay_windows,
             record.isolation.as_ref(),
@@ -646,5 +678,65 @@ pub fn exit_code(status: Status) -> i32 {
         Status::Pass => 0,
         Status::Fail => 1,
         Status::Unknown => 2,
+    }
+}
+
+#[cfg(test)]
+mod run_checks_tests {
+    use super::*;
+
+    fn window(faults: &str) -> RelayWindow {
+        RelayWindow {
+            link: "a<->b".into(),
+            direction: "a-to-b".into(),
+            faults: faults.into(),
+            from_ms: 0,
+            to_ms: 10,
+            packets_in: 5,
+            forwarded: 5,
+            dropped_partition: 0,
+            dropped_other: 0,
+        }
+    }
+
+    fn verdict<'a>(vs: &'a [Verdict], name: &str) -> &'a Verdict {
+        vs.iter().find(|v| v.checker == name).unwrap()
+    }
+
+    #[test]
+    fn isolation_and_commands_are_vacuous_only_when_nothing_could_violate_them() {
+        let mut r = RunRecord {
+            relay_windows: vec![window("total")],
+            ..RunRecord::default()
+        };
+        let vs = run_checks(&r);
+        for name in ["isolation", "commands"] {
+            let v = verdict(&vs, name);
+            assert_eq!(v.status, Status::Pass, "{v:?}");
+            assert!(v.summary.starts_with("vacuous"), "{v:?}");
+        }
+        // A partition in the scenario: isolation must be judged (here it
+        // has no probes, so it cannot pass).
+        r.faults.push(crate::scenario::FaultSpan {
+            link: crate::scenario::Link {
+                a: "a".into(),
+                b: "b".into(),
+            },
+            direction: "a-to-b".into(),
+            kind: "partition".into(),
+            label: "partition".into(),
+            from_ms: 0,
+            to_ms: 10,
+        });
+        // A command execution nobody issued is no longer vacuous either.
+        r.observations.command_executions.push(CommandExecution {
+            edge: "e".into(),
+            command_id: "c1".into(),
+            at_ms: 1,
+        });
+        let vs = run_checks(&r);
+        assert_ne!(verdict(&vs, "isolation").status, Status::Pass);
+        assert!(!verdict(&vs, "isolation").summary.starts_with("vacuous"));
+        assert!(!verdict(&vs, "commands").summary.starts_with("vacuous"));
     }
 }
