@@ -40,13 +40,17 @@ fn a_pinned_seed_replays_identically() {
     let cfg = SimConfig::default();
     let a = sim::run_one(424242, &cfg).expect("pinned seed passes");
     let b = sim::run_one(424242, &cfg).expect("pinned seed passes again");
+    // Equal reports include equal trace digests: the same faults, edits,
+    // frames (byte for byte) and final heads.
     assert_eq!(a, b);
+    assert_eq!(a.trace.len(), 64, "hex BLAKE3: {}", a.trace);
     assert_eq!(a.seed, 424242);
     assert!(a.converged_at_ms.is_some());
     assert!(a.edits > 0 && a.frames > 0);
     // Another seed is another run.
     let c = sim::run_one(424243, &cfg).expect("neighbour seed passes");
     assert_ne!((a.edits, a.frames), (c.edits, c.frames));
+    assert_ne!(a.trace, c.trace);
 }
 
 /// A liveness deadline of one step cannot be met by a run with pending
