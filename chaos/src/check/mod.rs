@@ -626,7 +626,7 @@ pub fn run_checks(record: &RunRecord) -> Vec<Verdict> {
             .ops
             .iter()
             .any(|op| op.f == "command" || op.value.get("command_id").is_some());
-        if !issued && o.command_executions.is_empty() && record.checkers.is_empty() {
+        if !issued && o.command_executions.is_empty() {
             out.push(Verdict::vacuous(
                 "commands",
                 "the scenario issued no command and none was executed",
