@@ -1,121 +1,52 @@
-//! **Test only**: a hub wall clock shifted by an offset read from a file,
-//! so the chaos runner can skew a running hub (`clock-skew` scenarios).
-//!
-//! `FIELDSYNC_CLOCK_OFFSET_FILE=<path>`: the file holds one integer,
-//! milliseconds (may be negative); wall time = system time + offset.
-//! Monotonic time (rate limits, timeouts) is not shifted. The file is
-//! re-read every 200 ms; a missing file is offset 0; an unparsable one
-//! keeps the last good offset and is warned about once. The edge has the
-//! same mechanism in `edge_node::clock` (the crates share no clock type).
+//! **Test only**: a hub wall clock shifted by an offset read from a file
+//! ([`sync_core::clock_offset`]), so the chaos runner can skew a running
+//! hub (`clock-skew` scenarios). Monotonic time (rate limits, timeouts) is
+//! not shifted.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use schemas::time::Timestamp;
+use sync_core::clock_offset::OffsetFile;
+pub use sync_core::clock_offset::{CLOCK_OFFSET_ENV, OFFSET_REREAD};
 
 use crate::api::{Clock, SystemClock};
-
-/// The environment variable naming the offset file.
-pub const CLOCK_OFFSET_ENV: &str = "FIELDSYNC_CLOCK_OFFSET_FILE";
-
-/// How often the refresher re-reads the file.
-pub const OFFSET_REREAD: Duration = Duration::from_millis(200);
 
 /// A clock over `inner` whose wall time is shifted by the file's offset.
 #[derive(Debug)]
 pub struct OffsetFileClock<C> {
     inner: C,
-    path: PathBuf,
-    offset_ms: AtomicI64,
-    warned: AtomicBool,
+    file: Arc<OffsetFile>,
 }
 
 impl<C: Clock> OffsetFileClock<C> {
     /// A clock over `inner` with the offset in `path`, read once now.
     pub fn new(inner: C, path: impl Into<PathBuf>) -> Self {
-        let c = OffsetFileClock {
+        OffsetFileClock {
             inner,
-            path: path.into(),
-            offset_ms: AtomicI64::new(0),
-            warned: AtomicBool::new(false),
-        };
-        // The first reading is logged by the caller ("active"), not as a change.
-        c.reload(false);
-        c
+            file: Arc::new(OffsetFile::new(path)),
+        }
     }
 
     /// The offset file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// The offset in force, milliseconds.
     pub fn offset_ms(&self) -> i64 {
-        self.offset_ms.load(Ordering::Relaxed)
+        self.file.offset_ms()
     }
 
     /// Re-read the file; returns the offset in force afterwards.
     pub fn refresh(&self) -> i64 {
-        self.reload(true)
+        self.file.refresh()
     }
 
-    fn reload(&self, log_change: bool) -> i64 {
-        let next = match std::fs::read_to_string(&self.path) {
-            Ok(text) => match text.trim().parse::<i64>() {
-                Ok(v) => {
-                    self.warned.store(false, Ordering::Relaxed);
-                    Some(v)
-                }
-                Err(e) => {
-                    if !self.warned.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            path = %self.path.display(),
-                            content = %text.trim(),
-                            error = %e,
-                            kept_ms = self.offset_ms(),
-                            "clock offset file is not an integer of milliseconds; keeping the last offset"
-                        );
-                    }
-                    None
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
-            Err(e) => {
-                if !self.warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(path = %self.path.display(), error = %e,
-                        "clock offset file unreadable; keeping the last offset");
-                }
-                None
-            }
-        };
-        if let Some(v) = next {
-            let old = self.offset_ms.swap(v, Ordering::Relaxed);
-            if old != v && log_change {
-                tracing::warn!(
-                    offset_ms = v,
-                    previous_ms = old,
-                    "TEST-ONLY clock offset changed"
-                );
-            }
-        }
-        self.offset_ms()
-    }
-
-    /// Re-read the file every [`OFFSET_REREAD`] until every other holder
-    /// of the clock has dropped it.
-    pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(OFFSET_REREAD);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(c) = weak.upgrade() else { break };
-                c.refresh();
-            }
-        })
+    /// Re-read the file every [`OFFSET_REREAD`] until the clock is dropped.
+    pub fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
+        self.file.spawn_refresher()
     }
 }
 
@@ -132,19 +63,17 @@ impl<C: Clock> Clock for OffsetFileClock<C> {
 /// an [`OffsetFileClock`] over it with its refresher running (logged
 /// loudly). Call inside a tokio runtime.
 pub fn from_env() -> Arc<dyn Clock> {
-    match std::env::var_os(CLOCK_OFFSET_ENV) {
-        Some(path) if !path.is_empty() => {
-            let c = Arc::new(OffsetFileClock::new(SystemClock::default(), path));
-            tracing::warn!(
-                env = CLOCK_OFFSET_ENV,
-                path = %c.path().display(),
-                offset_ms = c.offset_ms(),
-                "TEST-ONLY clock offset active: wall clock = system clock + offset from file (monotonic time unaffected)"
-            );
-            drop(c.spawn_refresher());
-            c
+    match OffsetFile::from_env() {
+        Some(file) => {
+            let file = Arc::new(file);
+            file.log_active();
+            drop(file.spawn_refresher());
+            Arc::new(OffsetFileClock {
+                inner: SystemClock::default(),
+                file,
+            })
         }
-        _ => Arc::new(SystemClock::default()),
+        None => Arc::new(SystemClock::default()),
     }
 }
 

@@ -139,115 +139,46 @@ impl Clock for TokioClock {
     }
 }
 
-/// Environment variable naming a clock offset file. **Test only**: the
-/// chaos runner sets it to skew a node's wall clock (clock-skew scenarios).
-pub const CLOCK_OFFSET_ENV: &str = "FIELDSYNC_CLOCK_OFFSET_FILE";
+use sync_core::clock_offset::OffsetFile;
+pub use sync_core::clock_offset::{CLOCK_OFFSET_ENV, OFFSET_REREAD};
 
-/// How often [`OffsetFileClock::spawn_refresher`] re-reads the file.
-pub const OFFSET_REREAD: Duration = Duration::from_millis(200);
-
-/// **Test only.** A wall clock shifted by an offset read from a file:
-/// `now() = inner.now() + offset_ms`, where the file holds one integer
-/// (milliseconds, may be negative). Monotonic time is `inner`'s, untouched:
-/// control-loop periods and timeouts never see the skew.
-///
-/// A missing file means offset 0; an unparsable one keeps the last good
-/// offset and logs one warning (until the file parses again).
+/// **Test only.** A wall clock shifted by an offset read from a file
+/// ([`sync_core::clock_offset`]): `now() = inner.now() + offset_ms`.
+/// Monotonic time is `inner`'s, untouched: control-loop periods and
+/// timeouts never see the skew.
 #[derive(Debug)]
 pub struct OffsetFileClock<C> {
     inner: C,
-    path: std::path::PathBuf,
-    offset_ms: std::sync::atomic::AtomicI64,
-    warned: std::sync::atomic::AtomicBool,
+    file: std::sync::Arc<OffsetFile>,
 }
 
 impl<C: Clock> OffsetFileClock<C> {
     /// A clock over `inner` with the offset in `path`, read once now.
     pub fn new(inner: C, path: impl Into<std::path::PathBuf>) -> Self {
-        let c = OffsetFileClock {
+        OffsetFileClock {
             inner,
-            path: path.into(),
-            offset_ms: std::sync::atomic::AtomicI64::new(0),
-            warned: std::sync::atomic::AtomicBool::new(false),
-        };
-        // The first reading is logged by the caller ("active"), not as a change.
-        c.reload(false);
-        c
+            file: std::sync::Arc::new(OffsetFile::new(path)),
+        }
     }
 
     /// The offset file.
     pub fn path(&self) -> &std::path::Path {
-        &self.path
+        self.file.path()
     }
 
     /// The offset in force, milliseconds.
     pub fn offset_ms(&self) -> i64 {
-        self.offset_ms.load(std::sync::atomic::Ordering::Relaxed)
+        self.file.offset_ms()
     }
 
     /// Re-read the file; returns the offset in force afterwards.
     pub fn refresh(&self) -> i64 {
-        self.reload(true)
+        self.file.refresh()
     }
 
-    fn reload(&self, log_change: bool) -> i64 {
-        use std::sync::atomic::Ordering;
-        let next = match std::fs::read_to_string(&self.path) {
-            Ok(text) => match text.trim().parse::<i64>() {
-                Ok(v) => {
-                    self.warned.store(false, Ordering::Relaxed);
-                    Some(v)
-                }
-                Err(e) => {
-                    if !self.warned.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            path = %self.path.display(),
-                            content = %text.trim(),
-                            error = %e,
-                            kept_ms = self.offset_ms(),
-                            "clock offset file is not an integer of milliseconds; keeping the last offset"
-                        );
-                    }
-                    None
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
-            Err(e) => {
-                if !self.warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(path = %self.path.display(), error = %e,
-                        "clock offset file unreadable; keeping the last offset");
-                }
-                None
-            }
-        };
-        if let Some(v) = next {
-            let old = self.offset_ms.swap(v, Ordering::Relaxed);
-            if old != v && log_change {
-                tracing::warn!(
-                    offset_ms = v,
-                    previous_ms = old,
-                    "TEST-ONLY clock offset changed"
-                );
-            }
-        }
-        self.offset_ms()
-    }
-}
-
-impl<C: Clock + 'static> OffsetFileClock<C> {
-    /// Re-read the file every [`OFFSET_REREAD`] until the clock is dropped
-    /// by everyone else.
-    pub fn spawn_refresher(self: &std::sync::Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let weak = std::sync::Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(OFFSET_REREAD);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(c) = weak.upgrade() else { break };
-                c.refresh();
-            }
-        })
+    /// Re-read the file every [`OFFSET_REREAD`] until the clock is dropped.
+    pub fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
+        self.file.spawn_refresher()
     }
 }
 
@@ -265,19 +196,17 @@ impl<C: Clock> Clock for OffsetFileClock<C> {
 /// loudly: a skewed clock is for chaos tests only). Call inside a tokio
 /// runtime.
 pub fn from_env() -> std::sync::Arc<dyn Clock> {
-    match std::env::var_os(CLOCK_OFFSET_ENV) {
-        Some(path) if !path.is_empty() => {
-            let c = std::sync::Arc::new(OffsetFileClock::new(SystemClock, path));
-            tracing::warn!(
-                env = CLOCK_OFFSET_ENV,
-                path = %c.path().display(),
-                offset_ms = c.offset_ms(),
-                "TEST-ONLY clock offset active: wall clock = system clock + offset from file (monotonic time unaffected)"
-            );
-            drop(c.spawn_refresher());
-            c
+    match OffsetFile::from_env() {
+        Some(file) => {
+            let file = std::sync::Arc::new(file);
+            file.log_active();
+            drop(file.spawn_refresher());
+            std::sync::Arc::new(OffsetFileClock {
+                inner: SystemClock,
+                file,
+            })
         }
-        _ => std::sync::Arc::new(SystemClock),
+        None => std::sync::Arc::new(SystemClock),
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`identity`]: node keys (0600 files) and actor ids bound to them.
 
 pub mod authz;
+pub mod clock_offset;
 pub mod docs;
 pub mod driver;
 pub mod enrol;
