@@ -101,6 +101,21 @@ pub enum Step {
     Act(Action),
 }
 
+/// What an HTTP request flood got back.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HttpFloodCounts {
+    /// 2xx answers.
+    pub ok: u64,
+    /// 429 answers (the per-token rate limit working).
+    pub rate_limited: u64,
+    /// Any other status.
+    pub other_status: u64,
+    /// Transport errors and timeouts.
+    pub errors: u64,
+    /// Ticks skipped because 8 requests were already in flight.
+    pub skipped: u64,
+}
+
 /// Why an action cannot be carried out by this runner, if so.
 pub fn unsupported(a: &Action, s: &Scenario) -> Option<String> {
     let role = |n: &str| s.fleet.role(n);
@@ -173,6 +188,10 @@ pub struct Fleet {
     clock_skewed: std::collections::BTreeSet<String>,
     /// Reconnect floods running beside the timeline: process, handle.
     floods: Vec<(String, tokio::task::JoinHandle<super::flood::FloodCounts>)>,
+    /// HTTP request floods running beside the timeline: process, handle.
+    http_floods: Vec<(String, tokio::task::JoinHandle<HttpFloodCounts>)>,
+    /// The first hub's second admin token, for HTTP floods.
+    flood_token: Option<String>,
     /// Live heads of every node's documents from the last quiescence poll
     /// (convergence judges these, see [`Fleet::wait_quiescent`]).
     live_replicas: Option<Vec<ReplicaHeads>>,
@@ -422,6 +441,29 @@ impl Fleet {
             .iter()
             .find(|n| n.is_hub())
             .and_then(|h| admin_tokens.get(&h.name).cloned());
+        let flood_token = match plan.nodes.iter().find(|n| n.is_hub()) {
+            Some(h) => run_helper(
+                &h.name,
+                &opts.hub_bin,
+                &[
+                    "--config".into(),
+                    h.config_path().display().to_string(),
+                    "user".into(),
+                    "token".into(),
+                    "create".into(),
+                    "--scope".into(),
+                    "admin".into(),
+                ],
+                opts.call_timeout,
+            )
+            .await
+            .map(|t| t.lines().last().unwrap_or("").trim().to_string())
+            .map_err(
+                |e| tracing::warn!(error = %e, "no flood token: HTTP floods go unauthenticated"),
+            )
+            .ok(),
+            None => None,
+        };
         let mut record = RunRecord::from_scenario(s);
         record.observations.downtime.clear();
         let mut fleet = Fleet {
@@ -440,6 +482,8 @@ impl Fleet {
             windows: BTreeMap::new(),
             clock_skewed: super::clock::skewed_nodes(s),
             floods: Vec::new(),
+            http_floods: Vec::new(),
+            flood_token,
             live_replicas: None,
             netns,
         };
@@ -861,36 +905,97 @@ impl Fleet {
                 } else {
                     "/api/devices"
                 };
-                let token = self.admin_token.clone();
+                // The flood is another client: its own token, so per-token
+                // rate limits keep it from starving the scenario's operator.
+                let token = self.flood_token.clone();
                 let (rate, dur, kind) = (*rate_per_sec, *duration, *kind);
-                // Bounded by `duration`; runs beside the timeline.
-                tokio::spawn(async move {
+                let process = format!("{node}/flood");
+                self.history(
+                    &process,
+                    OpType::Invoke,
+                    "http-flood",
+                    json!({"path": path, "rate_per_sec": rate, "duration_ms": dur.as_millis() as u64}),
+                );
+                // Bounded by `duration`; runs beside the timeline, a few
+                // requests in flight at once.
+                let h = tokio::spawn(async move {
+                    let _ = kind;
+                    let counts = Arc::new(std::sync::Mutex::new(HttpFloodCounts::default()));
                     let end = Instant::now() + dur;
                     let gap = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
                     let mut tick = tokio::time::interval(gap);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                    let inflight = Arc::new(tokio::sync::Semaphore::new(8));
+                    let mut tasks = tokio::task::JoinSet::new();
                     while Instant::now() < end {
                         tick.tick().await;
-                        let _ = http::request(
-                            "GET",
-                            addr,
-                            path,
-                            token.as_deref(),
-                            None,
-                            Duration::from_secs(2),
-                        )
-                        .await;
+                        let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                            if let Ok(mut c) = counts.lock() {
+                                c.skipped += 1;
+                            }
+                            continue;
+                        };
+                        let (token, counts) = (token.clone(), counts.clone());
+                        tasks.spawn(async move {
+                            let r = http::request(
+                                "GET",
+                                addr,
+                                path,
+                                token.as_deref(),
+                                None,
+                                Duration::from_secs(2),
+                            )
+                            .await;
+                            if let Ok(mut c) = counts.lock() {
+                                match r {
+                                    Ok(resp) if resp.ok() => c.ok += 1,
+                                    Ok(resp) if resp.status == 429 => c.rate_limited += 1,
+                                    Ok(_) => c.other_status += 1,
+                                    Err(_) => c.errors += 1,
+                                }
+                            }
+                            drop(permit);
+                        });
                     }
-                    let _ = kind;
+                    while tasks.join_next().await.is_some() {}
+                    counts.lock().map(|c| c.clone()).unwrap_or_default()
                 });
+                self.http_floods.push((process, h));
             }
             _ => {}
         }
         Ok(())
     }
 
-    /// Wait for the reconnect floods and record their counts: ok when the
-    /// target refused every stranger that reached it and accepted none.
+    /// Wait for the floods and record their counts. A reconnect flood is ok
+    /// when the target refused every stranger that reached it and accepted
+    /// none; an HTTP flood is ok when the node answered every request it
+    /// was sent with a 2xx or a 429.
     async fn join_floods(&mut self) {
+        for (process, h) in std::mem::take(&mut self.http_floods) {
+            match h.await {
+                Ok(c) => {
+                    // A status other than 2xx/429 is the node failing under
+                    // load; transport errors may be the node being down (a
+                    // kill in the same scenario), so they leave it open.
+                    let kind = if c.other_status > 0 {
+                        OpType::Fail
+                    } else if c.errors > 0 {
+                        OpType::Info
+                    } else {
+                        OpType::Ok
+                    };
+                    let v = serde_json::to_value(&c).unwrap_or_default();
+                    self.history(&process, kind, "http-flood", v);
+                }
+                Err(e) => self.history(
+                    &process,
+                    OpType::Info,
+                    "http-flood",
+                    json!({"error": format!("flood task: {e}")}),
+                ),
+            }
+        }
         for (process, h) in std::mem::take(&mut self.floods) {
             match h.await {
                 Ok(c) => {
