@@ -1,6 +1,8 @@
-//! A minimal HTTP/1.1 client for loopback readiness checks and tests
-//! (`GET`/`POST`, `Connection: close`, content-length or chunked bodies), so
-//! the testbed needs no HTTP client stack.
+//! A minimal HTTP/1.1 client for loopback readiness checks, tests and the
+//! chaos runner (one request per connection, `Connection: close`, JSON
+//! bodies, bearer tokens, a deadline per call; responses with
+//! `Content-Length`, chunked, or to end of stream), so neither the testbed
+//! nor chaos needs an HTTP client stack. Not a general client.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,60 +10,47 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// An HTTP exchange that failed before a response was read.
+/// A failed HTTP call.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HttpError {
     /// Connecting, writing or reading failed.
-    #[error("{method} http://{addr}{path}: {source}")]
-    Io {
-        /// Request method.
-        method: &'static str,
+    #[error("{method} http://{addr}{path}: {detail}")]
+    Transport {
+        /// Method.
+        method: String,
         /// Server.
         addr: SocketAddr,
-        /// Request path.
+        /// Path.
         path: String,
-        /// The IO error.
-        #[source]
-        source: std::io::Error,
+        /// What failed.
+        detail: String,
     },
-    /// No complete answer in time.
-    #[error("{method} http://{addr}{path}: no answer within {timeout:?}")]
-    Timeout {
-        /// Request method.
-        method: &'static str,
+    /// The response could not be parsed.
+    #[error("{method} http://{addr}{path}: bad response: {detail}")]
+    BadResponse {
+        /// Method.
+        method: String,
         /// Server.
         addr: SocketAddr,
-        /// Request path.
-        path: String,
-        /// The limit.
-        timeout: Duration,
-    },
-    /// The answer is not HTTP/1.x.
-    #[error("{method} http://{addr}{path}: malformed response: {reason}")]
-    Malformed {
-        /// Request method.
-        method: &'static str,
-        /// Server.
-        addr: SocketAddr,
-        /// Request path.
+        /// Path.
         path: String,
         /// What is wrong.
-        reason: String,
+        detail: String,
     },
 }
 
-/// A response: status code and body.
+/// A response: status and body text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
-    /// HTTP status code.
+    /// HTTP status.
     pub status: u16,
     /// Body (chunked encoding removed).
     pub body: String,
 }
 
 impl Response {
-    /// 2xx.
+    /// Whether the status is 2xx.
     pub fn ok(&self) -> bool {
         (200..300).contains(&self.status)
     }
@@ -88,100 +77,124 @@ pub async fn post_json(
     request("POST", addr, path, bearer, Some(body), timeout).await
 }
 
-async fn request(
-    method: &'static str,
+/// Send one request and read the whole response.
+pub async fn request(
+    method: &str,
     addr: SocketAddr,
     path: &str,
     bearer: Option<&str>,
     body: Option<&str>,
-    timeout: Duration,
+    within: Duration,
 ) -> Result<Response, HttpError> {
-    let io = |source| HttpError::Io {
-        method,
+    let transport = |detail: String| HttpError::Transport {
+        method: method.to_string(),
         addr,
         path: path.to_string(),
-        source,
+        detail,
     };
-    let exchange = async {
-        let mut s = TcpStream::connect(addr).await.map_err(io)?;
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(t) = bearer {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        if let Some(b) = body {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            ));
-        }
-        req.push_str("\r\n");
-        req.push_str(body.unwrap_or(""));
-        s.write_all(req.as_bytes()).await.map_err(io)?;
+    let bad = |detail: String| HttpError::BadResponse {
+        method: method.to_string(),
+        addr,
+        path: path.to_string(),
+        detail,
+    };
+    let payload = body.unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n"
+    );
+    if let Some(t) = bearer {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if body.is_some() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!(
+        "Content-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    ));
+    let call = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| transport(format!("connect: {e}")))?;
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| transport(format!("write: {e}")))?;
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.map_err(io)?;
-        Ok(raw)
+        s.read_to_end(&mut raw)
+            .await
+            .map_err(|e| transport(format!("read: {e}")))?;
+        Ok::<_, HttpError>(raw)
     };
-    let raw = tokio::time::timeout(timeout, exchange)
+    let raw = tokio::time::timeout(within, call)
         .await
-        .map_err(|_| HttpError::Timeout {
-            method,
-            addr,
-            path: path.to_string(),
-            timeout,
-        })??;
-    parse(&raw).map_err(|reason| HttpError::Malformed {
-        method,
-        addr,
-        path: path.to_string(),
-        reason,
+        .map_err(|_| transport(format!("no response within {} ms", within.as_millis())))??;
+    parse_response(&raw).map_err(bad)
+}
+
+/// Parse a complete HTTP/1.1 response (status line, headers, body with
+/// `Content-Length`, chunked, or to end of stream).
+pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of headers")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let body = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or("empty response")?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            } else if k == "content-length" {
+                length = Some(
+                    v.parse::<usize>()
+                        .map_err(|_| format!("bad length {v:?}"))?,
+                );
+            }
+        }
+    }
+    let body = if chunked {
+        dechunk(body)?
+    } else if let Some(n) = length {
+        body.get(..n)
+            .ok_or_else(|| format!("body has {} of {n} bytes", body.len()))?
+            .to_vec()
+    } else {
+        body.to_vec()
+    };
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
 
-/// Parse a complete HTTP/1.x response.
-pub(crate) fn parse(raw: &[u8]) -> Result<Response, String> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| "no end of headers".to_string())?;
-    let mut lines = head.lines();
-    let status_line = lines.next().unwrap_or("");
-    let mut parts = status_line.split_whitespace();
-    match parts.next() {
-        Some(v) if v.starts_with("HTTP/1.") => {}
-        _ => return Err(format!("status line {status_line:?}")),
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("status line {status_line:?}"))?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding")
-                && v.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_string()
-    };
-    Ok(Response { status, body })
-}
-
-fn dechunk(mut s: &str) -> Result<String, String> {
-    let mut out = String::new();
+fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
     loop {
-        let (size, rest) = s
-            .split_once("\r\n")
-            .ok_or_else(|| "truncated chunk size".to_string())?;
-        let size = size.split(';').next().unwrap_or("").trim();
-        let n = usize::from_str_radix(size, 16).map_err(|_| format!("chunk size {size:?}"))?;
-        if n == 0 {
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("chunk size without end of line")?;
+        let size_text = String::from_utf8_lossy(&b[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        b = &b[eol + 2..];
+        if size == 0 {
             return Ok(out);
         }
-        let chunk = rest.get(..n).ok_or_else(|| "truncated chunk".to_string())?;
-        out.push_str(chunk);
-        s = rest.get(n..).unwrap_or("").trim_start_matches("\r\n");
+        let chunk = b.get(..size).ok_or("truncated chunk")?;
+        out.extend_from_slice(chunk);
+        b = b.get(size + 2..).ok_or("chunk without trailing CRLF")?;
     }
 }
 
@@ -190,16 +203,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_plain_and_chunked_bodies() {
-        let r = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").unwrap();
-        assert_eq!((r.status, r.body.as_str()), (200, "ok"));
-        let r = parse(
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    fn responses_with_length_chunked_or_to_eof_parse() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra").unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "{}"));
+        let r = parse_response(
+            b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
         )
         .unwrap();
         assert_eq!((r.status, r.body.as_str()), (404, "abcde"));
         assert!(!r.ok());
-        assert!(parse(b"SSH-2.0\r\n\r\n").is_err());
-        assert!(parse(b"HTTP/1.1 200 OK\r\n").is_err());
+        let r = parse_response(b"HTTP/1.1 201 Created\r\n\r\nall of it").unwrap();
+        assert_eq!(r.body, "all of it");
+        assert!(parse_response(b"HTTP/1.1 200").is_err());
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").is_err());
     }
 }
