@@ -453,6 +453,8 @@ impl Fleet {
                     "create".into(),
                     "--scope".into(),
                     "admin".into(),
+                    "--name".into(),
+                    "chaos-flood".into(),
                 ],
                 opts.call_timeout,
             )
