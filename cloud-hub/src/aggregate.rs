@@ -86,7 +86,7 @@ pub fn recompute(
         if t != tenant || *d != day {
             continue;
         }
-        if let Some(Ok((rollups, _bad))) = store.read(&id, telemetry::rollups)? {
+        if let Some(Ok((rollups, _bad))) = store.read(&id, telemetry::rollups_with_late)? {
             per_site.entry(site.clone()).or_default().extend(rollups);
         }
     }

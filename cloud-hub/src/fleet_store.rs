@@ -306,7 +306,7 @@ impl StoreFleet {
     fn index_doc(&self, idx: &mut Index, id: &DocId) {
         match id {
             DocId::Telemetry { tenant, site, .. } => {
-                match self.store.read(id, docs::telemetry::rollups) {
+                match self.store.read(id, docs::telemetry::rollups_with_late) {
                     Ok(Some(Ok((rollups, bad)))) => {
                         for e in bad {
                             tracing::warn!(doc = %id, error = %e, "undecodable rollup skipped");

@@ -345,3 +345,31 @@ fn doc_heads_are_the_stores_heads_for_every_document() {
         assert_eq!(h.heads, want, "{}", h.doc);
     }
 }
+
+#[test]
+fn late_parts_count_in_the_fleet_analytics() {
+    let store = Arc::new(DocStore::in_memory(NodeKey::from_bytes([6; 32])));
+    let f = fleet(store.clone());
+    put_rollups(&store, &[rollup("pump-1", 3, 4, 10.0)]);
+    let count = |f: &StoreFleet| -> u64 {
+        f.telemetry(&TelemetryQuery {
+            level: Level::Minute,
+            ..Default::default()
+        })
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.count))
+        .sum()
+    };
+    assert_eq!(count(&f), 4);
+    // Two samples of the same window arrive after its rollup was written:
+    // the edge keeps them in a late part beside it.
+    let late = rollup("pump-1", 3, 2, 20.0);
+    let (t, s) = ids();
+    let id = DocId::telemetry(&t, &s, &late.device, Timestamp(T0).day());
+    let key = format!("late:temperature@{}#0", late.window_start.as_millis());
+    store
+        .change(&id, Timestamp(T0), |d| docs::put_root_json(d, &key, &late))
+        .unwrap();
+    assert_eq!(count(&f), 6, "the late part is counted in its window");
+    assert_eq!(count(&fleet(store)), 6, "and by a fresh index");
+}

@@ -295,6 +295,37 @@ pub mod telemetry {
         let (items, bad) = all_json::<Rollup>(doc, &m);
         Ok((items.into_iter().map(|(_, r)| r).collect(), bad))
     }
+
+    /// Root-key prefix of a late part: samples of a window that arrived
+    /// after the window's rollup was written, kept apart
+    /// (`late:{metric}@{window_ms}#{seq}`) because [`put_rollup`]
+    /// overwrites a whole window.
+    pub const LATE_PREFIX: &str = "late:";
+
+    /// Every window's rollup with its late parts merged in
+    /// ([`Rollup::merge`]), plus any entries that failed to decode. What a
+    /// reader that counts samples wants: [`rollups`] alone misses the late
+    /// ones.
+    pub fn rollups_with_late(doc: &AutoCommit) -> Result<(Vec<Rollup>, Vec<DocError>), DocError> {
+        let (main, mut bad) = rollups(doc)?;
+        let mut by_key: BTreeMap<String, Rollup> = main.into_iter().map(|r| (key(&r), r)).collect();
+        for k in doc.keys(automerge::ROOT) {
+            if !k.starts_with(LATE_PREFIX) {
+                continue;
+            }
+            match get_root_json::<Rollup>(doc, &k) {
+                Ok(Some(late)) => match by_key.get_mut(&key(&late)) {
+                    Some(r) => r.merge(&late),
+                    None => {
+                        by_key.insert(key(&late), late);
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => bad.push(e),
+            }
+        }
+        Ok((by_key.into_values().collect(), bad))
+    }
 }
 
 /// Command documents: requests (hub, operators) and results (edges).
@@ -401,6 +432,61 @@ pub fn get_root_json<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
     use automerge::sync::SyncDoc;
+
+    #[test]
+    fn late_parts_merge_into_their_window_and_count() {
+        use schemas::metrics::{Rollup, Sample};
+        use schemas::time::Timestamp;
+        let sample = |metric: &str, ts: i64, value: f64| {
+            Rollup::of_sample(
+                &Sample {
+                    schema_version: Default::default(),
+                    device: "d1".parse().unwrap(),
+                    metric: metric.into(),
+                    ts: Timestamp(ts),
+                    value,
+                    unit: Default::default(),
+                },
+                60_000,
+            )
+        };
+        let mut doc = genesis(&"t/acme/s/s1/tel/d1/2026-01-01".parse().unwrap());
+        let mut main = sample("temp", 60_000, 1.0);
+        main.merge(&sample("temp", 60_500, 2.0));
+        telemetry::put_rollup(&mut doc, &main).unwrap();
+        // A late sample of the same window, and one of a window with no
+        // main rollup at all.
+        put_root_json(&mut doc, "late:temp@60000#0", &sample("temp", 61_000, 9.0)).unwrap();
+        put_root_json(
+            &mut doc,
+            "late:temp@120000#1",
+            &sample("temp", 120_001, 4.0),
+        )
+        .unwrap();
+        let (plain, _) = telemetry::rollups(&doc).unwrap();
+        assert_eq!(
+            plain.iter().map(|r| r.count).sum::<u64>(),
+            2,
+            "the main map alone"
+        );
+        let (all, bad) = telemetry::rollups_with_late(&doc).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(all.len(), 2);
+        let w1 = all
+            .iter()
+            .find(|r| r.window_start == Timestamp(60_000))
+            .unwrap();
+        assert_eq!((w1.count, w1.sum, w1.max), (3, 12.0, 9.0));
+        let w2 = all
+            .iter()
+            .find(|r| r.window_start == Timestamp(120_000))
+            .unwrap();
+        assert_eq!(w2.count, 1);
+        // A corrupt late part is reported, not skipped silently.
+        put_root_json(&mut doc, "late:temp@180000#2", &"not a rollup").unwrap();
+        let (_, bad) = telemetry::rollups_with_late(&doc).unwrap();
+        assert_eq!(bad.len(), 1);
+    }
 
     fn id() -> DocId {
         "t/acme/s/s1/dev/pump-1".parse().unwrap()

@@ -6,7 +6,7 @@
 //!
 //! | observation | source | reader |
 //! |---|---|---|
-//! | `hub_rollups` | the hub's document store, every `t/../tel/..` document | `sync_core::docs::telemetry::rollups` (what `cloud-hub`'s fleet store indexes) plus the late parts (`late:{metric}@{window}#{seq}` root keys, written by the edge's `StoreSink` and merged by readers with `Rollup::merge`) |
+//! | `hub_rollups` | the hub's document store, every `t/../tel/..` document | `sync_core::docs::telemetry::rollups_with_late`: each window's rollup with its late parts (`late:{metric}@{window}#{seq}` root keys, written by the edge's `StoreSink`) merged in, as `cloud-hub`'s fleet store and aggregator read them |
 //! | `acked_samples` | the edge's raw zone (`data/raw`) | `edge_node::raw_zone::RawZone::open` on a copy, `read_from(0)` |
 //! | `command_executions` | the edge's ledger (`data/commands.ledger`) | `edge_node::commands::read_started`: one entry per "started" line |
 //! | `loop_ticks` | the edge's tick journal (`data/loop-ticks.log`, `[control] tick_journal`) | `edge_node::control::read_journal` |
@@ -65,7 +65,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use automerge::ReadDoc;
 use schemas::TenantId;
 use schemas::config::EdgeConfig;
 use schemas::ids::{DataClass, DocId, SiteId};
@@ -278,20 +277,10 @@ pub fn read_rollups(
         };
         let read = store
             .read(&id, |doc| -> Result<Vec<Rollup>, String> {
-                let (mut rollups, bad) =
-                    sync_core::docs::telemetry::rollups(doc).map_err(|e| e.to_string())?;
+                let (rollups, bad) = sync_core::docs::telemetry::rollups_with_late(doc)
+                    .map_err(|e| e.to_string())?;
                 if let Some(e) = bad.first() {
                     return Err(format!("{} undecodable rollups, first: {e}", bad.len()));
-                }
-                for key in doc.keys(automerge::ROOT) {
-                    if !key.starts_with("late:") {
-                        continue;
-                    }
-                    match sync_core::docs::get_root_json::<Rollup>(doc, &key) {
-                        Ok(Some(r)) => rollups.push(r),
-                        Ok(None) => {}
-                        Err(e) => return Err(format!("late part {key}: {e}")),
-                    }
                 }
                 Ok(rollups)
             })
