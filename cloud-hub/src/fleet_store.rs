@@ -615,21 +615,11 @@ fn audit_from_log(e: crate::audit::AuditEntry) -> AuditRecord {
 impl FleetData for StoreFleet {
     fn doc_heads(&self) -> Vec<crate::api::data::DocHeads> {
         self.store
-            .list()
+            .heads_hex()
             .into_iter()
-            .map(|id| {
-                let mut heads: Vec<String> = self
-                    .store
-                    .heads(&id)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|h| h.to_string())
-                    .collect();
-                heads.sort();
-                crate::api::data::DocHeads {
-                    doc: id.to_string(),
-                    heads,
-                }
+            .map(|(id, heads)| crate::api::data::DocHeads {
+                doc: id.to_string(),
+                heads,
             })
             .collect()
     }

@@ -323,6 +323,20 @@ impl DocStore {
         self.lock().heads.get(id).cloned()
     }
 
+    /// Every document's heads as sorted hex strings: the form replicas are
+    /// compared in (edge and hub `sync/heads` endpoints, chaos runs).
+    pub fn heads_hex(&self) -> Vec<(DocId, Vec<String>)> {
+        self.lock()
+            .heads
+            .iter()
+            .map(|(id, hs)| {
+                let mut v: Vec<String> = hs.iter().map(|h| h.to_string()).collect();
+                v.sort();
+                (id.clone(), v)
+            })
+            .collect()
+    }
+
     pub fn contains(&self, id: &DocId) -> bool {
         self.lock().heads.contains_key(id)
     }

@@ -414,19 +414,9 @@ async fn commands(State(s): State<Arc<NodeState>>) -> Json<Value> {
 async fn sync_heads(State(s): State<Arc<NodeState>>) -> Json<Value> {
     let docs: Vec<Value> = s
         .store
-        .list()
+        .heads_hex()
         .into_iter()
-        .map(|id| {
-            let mut heads: Vec<String> = s
-                .store
-                .heads(&id)
-                .unwrap_or_default()
-                .iter()
-                .map(|h| h.to_string())
-                .collect();
-            heads.sort();
-            json!({ "doc": id.to_string(), "heads": heads })
-        })
+        .map(|(id, heads)| json!({ "doc": id.to_string(), "heads": heads }))
         .collect();
     Json(json!({ "count": docs.len(), "documents": docs }))
 }
