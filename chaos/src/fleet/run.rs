@@ -101,6 +101,29 @@ pub enum Step {
     Act(Action),
 }
 
+/// Create an admin API token for user `name` on a hub (before it runs:
+/// `cloud-hub user token create`); a user has one token.
+async fn admin_token(hub: &NodePlan, opts: &RunOptions, name: &str) -> Result<String, FleetError> {
+    let out = run_helper(
+        &hub.name,
+        &opts.hub_bin,
+        &[
+            "--config".into(),
+            hub.config_path().display().to_string(),
+            "user".into(),
+            "token".into(),
+            "create".into(),
+            "--scope".into(),
+            "admin".into(),
+            "--name".into(),
+            name.into(),
+        ],
+        opts.call_timeout,
+    )
+    .await?;
+    Ok(out.lines().last().unwrap_or("").trim().to_string())
+}
+
 /// What an HTTP request flood got back.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct HttpFloodCounts {
@@ -177,7 +200,6 @@ pub struct Fleet {
     http: BTreeMap<String, SocketAddr>,
     devices: BTreeMap<String, testbed::fleet::RunningFleet>,
     keys: BTreeMap<String, EndpointKey>,
-    admin_token: Option<String>,
     /// Every hub's admin token, by node name.
     admin_tokens: BTreeMap<String, String>,
     start: Instant,
@@ -405,67 +427,26 @@ impl Fleet {
             edge_cfgs.push((n.name.clone(), cfg));
         }
         check_routing(&plan, &edge_cfgs, &hub_cfgs)?;
-        // An admin token for each hub's API; the first hub's drives the
-        // scenario's hub API steps, all of them answer live heads.
+        // An admin token for each hub's API (the scenario's hub steps, live
+        // heads), and one for HTTP floods: another client, its own user.
         let mut admin_tokens = BTreeMap::new();
-        for h in plan.nodes.iter().filter(|n| n.is_hub()) {
-            match run_helper(
-                &h.name,
-                &opts.hub_bin,
-                &[
-                    "--config".into(),
-                    h.config_path().display().to_string(),
-                    "user".into(),
-                    "token".into(),
-                    "create".into(),
-                    "--scope".into(),
-                    "admin".into(),
-                ],
-                opts.call_timeout,
-            )
-            .await
-            {
+        let mut flood_token = None;
+        for (i, h) in plan.nodes.iter().filter(|n| n.is_hub()).enumerate() {
+            match admin_token(h, &opts, "chaos").await {
                 Ok(t) => {
-                    admin_tokens.insert(
-                        h.name.clone(),
-                        t.lines().last().unwrap_or("").trim().to_string(),
-                    );
+                    admin_tokens.insert(h.name.clone(), t);
                 }
                 Err(e) => {
                     tracing::warn!(hub = %h.name, error = %e, "no admin token: its API steps and live heads will fail")
                 }
             }
+            if i == 0 {
+                flood_token = admin_token(h, &opts, "chaos-flood")
+                    .await
+                    .map_err(|e| tracing::warn!(error = %e, "no flood token: HTTP floods go unauthenticated"))
+                    .ok();
+            }
         }
-        let admin_token = plan
-            .nodes
-            .iter()
-            .find(|n| n.is_hub())
-            .and_then(|h| admin_tokens.get(&h.name).cloned());
-        let flood_token = match plan.nodes.iter().find(|n| n.is_hub()) {
-            Some(h) => run_helper(
-                &h.name,
-                &opts.hub_bin,
-                &[
-                    "--config".into(),
-                    h.config_path().display().to_string(),
-                    "user".into(),
-                    "token".into(),
-                    "create".into(),
-                    "--scope".into(),
-                    "admin".into(),
-                    "--name".into(),
-                    "chaos-flood".into(),
-                ],
-                opts.call_timeout,
-            )
-            .await
-            .map(|t| t.lines().last().unwrap_or("").trim().to_string())
-            .map_err(
-                |e| tracing::warn!(error = %e, "no flood token: HTTP floods go unauthenticated"),
-            )
-            .ok(),
-            None => None,
-        };
         let mut record = RunRecord::from_scenario(s);
         record.observations.downtime.clear();
         let mut fleet = Fleet {
@@ -477,7 +458,6 @@ impl Fleet {
             http: BTreeMap::new(),
             devices,
             keys,
-            admin_token,
             admin_tokens,
             start: Instant::now(),
             record,
@@ -676,7 +656,7 @@ impl Fleet {
             method,
             *addr,
             path,
-            self.admin_token.as_deref(),
+            self.admin_tokens.get(hub).map(String::as_str),
             Some(&body),
             self.opts.call_timeout,
         )
@@ -975,47 +955,50 @@ impl Fleet {
     /// was sent with a 2xx or a 429.
     async fn join_floods(&mut self) {
         for (process, h) in std::mem::take(&mut self.http_floods) {
-            match h.await {
-                Ok(c) => {
-                    // A status other than 2xx/429 is the node failing under
-                    // load; transport errors may be the node being down (a
-                    // kill in the same scenario), so they leave it open.
-                    let kind = if c.other_status > 0 {
-                        OpType::Fail
-                    } else if c.errors > 0 {
-                        OpType::Info
-                    } else {
-                        OpType::Ok
-                    };
-                    let v = serde_json::to_value(&c).unwrap_or_default();
-                    self.history(&process, kind, "http-flood", v);
+            // A status other than 2xx/429 is the node failing under load;
+            // transport errors may be the node being down (a kill in the
+            // same scenario), so they leave it open.
+            self.record_flood(&process, "http-flood", h.await, |c| {
+                if c.other_status > 0 {
+                    OpType::Fail
+                } else if c.errors > 0 {
+                    OpType::Info
+                } else {
+                    OpType::Ok
                 }
-                Err(e) => self.history(
-                    &process,
-                    OpType::Info,
-                    "http-flood",
-                    json!({"error": format!("flood task: {e}")}),
-                ),
-            }
+            });
         }
         for (process, h) in std::mem::take(&mut self.floods) {
-            match h.await {
-                Ok(c) => {
-                    let kind = if c.target_held() {
-                        OpType::Ok
-                    } else {
-                        OpType::Fail
-                    };
-                    let v = serde_json::to_value(&c).unwrap_or_default();
-                    self.history(&process, kind, "reconnect-flood", v);
+            self.record_flood(&process, "reconnect-flood", h.await, |c| {
+                if c.target_held() {
+                    OpType::Ok
+                } else {
+                    OpType::Fail
                 }
-                Err(e) => self.history(
-                    &process,
-                    OpType::Info,
-                    "reconnect-flood",
-                    json!({"error": format!("flood task: {e}")}),
-                ),
+            });
+        }
+    }
+
+    /// Record a finished flood's counts, with the outcome `judge` gives them.
+    fn record_flood<T: serde::Serialize>(
+        &mut self,
+        process: &str,
+        f: &str,
+        joined: Result<T, tokio::task::JoinError>,
+        judge: impl FnOnce(&T) -> OpType,
+    ) {
+        match joined {
+            Ok(c) => {
+                let kind = judge(&c);
+                let v = serde_json::to_value(&c).unwrap_or_default();
+                self.history(process, kind, f, v);
             }
+            Err(e) => self.history(
+                process,
+                OpType::Info,
+                f,
+                json!({"error": format!("flood task: {e}")}),
+            ),
         }
     }
 
@@ -1407,17 +1390,12 @@ pub fn read_heads(n: &NodePlan) -> Result<Vec<ReplicaHeads>, FleetError> {
     )
     .map_err(|e| FleetError::Plan(format!("{}: open store: {e}", n.name)))?;
     Ok(store
-        .list()
+        .heads_hex()
         .into_iter()
-        .map(|id| ReplicaHeads {
+        .map(|(id, heads)| ReplicaHeads {
             node: n.name.clone(),
-            heads: store
-                .heads(&id)
-                .unwrap_or_default()
-                .iter()
-                .map(|h| h.to_string())
-                .collect(),
             doc: id.to_string(),
+            heads,
         })
         .collect())
 }
