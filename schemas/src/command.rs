@@ -46,6 +46,10 @@ pub enum CommandStatus {
     /// Refused by the edge (unauthorised, invalid, unknown device).
     Refused,
     Expired,
+    /// Never executed, or its effect was overwritten: a newer command for
+    /// the same target (by issue order) or a newer edit of the same field
+    /// took its place. Never reported as `succeeded`.
+    Superseded,
 }
 
 impl CommandStatus {

@@ -112,7 +112,7 @@ function connectEvents() {
 // ---------- views ----------
 
 function statusBadge(s) {
-  const cls = { succeeded: "ok", failed: "bad", refused: "bad", expired: "warn", pending: "", delivered: "ok" }[s] ?? "";
+  const cls = { succeeded: "ok", failed: "bad", refused: "bad", expired: "warn", superseded: "warn", pending: "", delivered: "ok" }[s] ?? "";
   return `<span class="badge ${cls}">${esc(s)}</span>`;
 }
 
